@@ -1,0 +1,48 @@
+"""Rotary position embedding (Su et al., 2021), in the half-split layout Hugging Face Llama uses.
+
+Each head vector is split into halves (x1, x2); pair i = (x1[i], x2[i]) is rotated by the angle
+pos * theta^(-2i/d). The angles are computed once per position by `rope_tables` (the model does that),
+the op only applies them.
+"""
+import numpy as np
+
+from .registry import op
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """Per-pair rotation frequencies theta^(-2i/d), i = 0 .. d/2-1, with optional Llama 3 scaling."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        return np.where(wavelen > old_len / low, inv_freq / factor,
+                        np.where(wavelen < old_len / high, inv_freq, blended))
+    raise ValueError(f"unsupported rope scaling {kind!r}")
+
+
+def rope_tables(inv_freq: np.ndarray, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of pos * inv_freq for every position: two (n_positions, d/2) float32 tables."""
+    angles = np.outer(np.arange(n_positions, dtype=np.float64), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@op("rope")
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate pairs (x1[i], x2[i]) by the angle of their position.   x (T, H, d), cos/sin (T, d/2) -> (T, H, d)
+
+    [y1]   [cos -sin] [x1]
+    [y2] = [sin  cos] [x2]
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)

@@ -1,0 +1,66 @@
+"""Loading model directories: sharded checkpoints, float16/bfloat16 tensors, config spellings, bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ops
+from tests.conftest import build_tiny_llama, relative_error
+from tinyllm.config import Config
+from tinyllm.errors import ModelError
+from tinyllm.loading import load_weights
+from tinyllm.model import Transformer
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_sharded_low_precision_checkpoint_loads_exactly(tmp_path, dtype):
+    # ~20 KB shards force several files and a model.safetensors.index.json
+    oracle = build_tiny_llama(tmp_path, dtype=dtype, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    weights = load_weights(tmp_path)
+    expected = {k: v.float().numpy() for k, v in oracle.state_dict().items()}
+    assert set(weights) == set(expected)
+    for name, value in expected.items():
+        assert weights[name].dtype == np.float32
+        np.testing.assert_array_equal(weights[name], value, err_msg=name)  # widening is exact
+
+    ids = [3, 14, 15, 92, 65, 35]
+    with torch.no_grad():
+        ref = oracle(torch.tensor([ids])).logits[0].numpy()
+    ours = Transformer.from_dir(tmp_path, ops.reference_table()).forward(ids)
+    assert relative_error(ours, ref) < 1e-4
+
+
+def test_rope_theta_in_either_spelling():
+    base = dict(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
+    assert Config.from_dict({**base, "rope_theta": 12345.0}).rope_theta == 12345.0
+    nested = {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 54321.0}}
+    assert Config.from_dict(nested).rope_theta == 54321.0
+    assert Config.from_dict(nested).rope_scaling is None
+
+
+def test_bad_model_directories_raise_model_error(tmp_path):
+    with pytest.raises(ModelError, match="config.json"):
+        Config.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        Config.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelError, match="not supported"):
+        Config.from_dir(tmp_path)
+    with pytest.raises(ModelError, match="model.safetensors"):
+        load_weights(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x05")
+    with pytest.raises(ModelError, match="not a safetensors file"):
+        load_weights(tmp_path)
+
+
+def test_shape_mismatch_is_reported(tmp_path):
+    build_tiny_llama(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] += 1
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="mlp.gate_proj.weight has shape"):
+        Transformer.from_dir(tmp_path, ops.reference_table())

@@ -1,0 +1,148 @@
+"""The Python API: `load()` a model directory, then `generate`, `logits`, `prefill`/`step`.
+
+    >>> import tinyllm
+    >>> model = tinyllm.load()                  # the default model, pulled on first use
+    >>> model.generate("The capital of France is", chat=False)
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import ContextError, ModelError, TinyLLMError
+from .generate import GenerationStats, Sampling, generate_tokens
+from .model import KVCache, Transformer
+from .schedule import resolve_ops
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+class ContextLimitWarning(UserWarning):
+    """Generation stopped because the model's context window is full."""
+
+
+class Model:
+    """A loaded model: the transformer, its tokenizer, and a KV cache for `prefill`/`step`."""
+
+    def __init__(self, path: Path, ops=None):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ModelError(f"model directory {self.path} does not exist")
+        self.ops_spec, table = resolve_ops(ops)
+        self.transformer = Transformer.from_dir(self.path, table)
+        self.config = self.transformer.cfg
+        self.tokenizer = Tokenizer(self.path)
+        self.stop_ids = self._stop_ids()
+        self.last_stats = GenerationStats()
+        self._cache: KVCache | None = None
+
+    def _stop_ids(self) -> set[int]:
+        import json
+
+        ids = set(self.config.eos_token_ids)
+        gen_cfg = self.path / "generation_config.json"
+        if gen_cfg.exists():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        eos_tok = self.tokenizer.token_id(self.tokenizer.eos_token)
+        if eos_tok is not None:
+            ids.add(eos_tok)
+        return ids
+
+    # -- logits ---------------------------------------------------------------------------------
+    def logits(self, ids) -> np.ndarray:
+        """Logits (len(ids), vocab), float32: one full forward pass over `ids`, no cache."""
+        self._check_fits(len(ids))
+        return self.transformer.forward(ids)
+
+    def prefill(self, ids) -> np.ndarray:
+        """Start a new sequence: run `ids` through the model, keeping their keys/values in the cache.
+        Returns their logits (len(ids), vocab); the same numbers `logits(ids)` gives."""
+        self._check_fits(len(ids))
+        self._cache = self.transformer.new_cache()
+        return self.transformer.forward(ids, 0, self._cache)
+
+    def step(self, token_id: int) -> np.ndarray:
+        """Append one token to the sequence started by `prefill`; returns its logits (vocab,)."""
+        if self._cache is None:
+            raise TinyLLMError("step() needs a sequence: call prefill() first")
+        pos = self._cache.length
+        if pos >= self._cache.max_len:
+            raise ContextError(f"the sequence has reached the model's context of {self._cache.max_len} tokens")
+        return self.transformer.forward([token_id], pos, self._cache)[0]
+
+    def _check_fits(self, n: int):
+        if n == 0:
+            raise TinyLLMError("no tokens to run")
+        if n > self.config.max_seq_len:
+            raise ContextError(f"{n} tokens do not fit in the model's context of {self.config.max_seq_len}")
+
+    # -- text -----------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
+        """The prompt as token ids: through the chat template when the model has one and `chat`."""
+        if chat and self.tokenizer.chat_template:
+            messages = ([{"role": "system", "content": system}] if system is not None else [])
+            messages.append({"role": "user", "content": prompt})
+            # The rendered template carries its own BOS text where the model wants one, so no second BOS.
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+        if system is not None:
+            raise TinyLLMError("a system message needs the chat template (drop --raw, or drop --system)")
+        return self.tokenizer.encode_prompt(prompt)
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, chat: bool = True, system: str | None = None,
+                 stream: bool = False) -> str | Iterator[str]:
+        """Continue `prompt`: greedy by default; `temperature > 0` samples (reproducibly with `seed`).
+
+        Returns the new text, or with `stream=True` an iterator of text pieces as they are produced.
+        Stops at an end-of-sequence token, after `max_new_tokens`, or at the context limit (with a
+        ContextLimitWarning). Statistics of the run land in `self.last_stats`.
+        """
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        ids = self.prompt_ids(prompt, chat=chat, system=system)
+        if not ids:
+            raise TinyLLMError("the prompt is empty")
+        ctx = self.config.max_seq_len
+        if len(ids) > ctx:
+            raise ContextError(f"the prompt has {len(ids)} tokens; the model's context is {ctx}")
+        pieces = self._stream(ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed))
+        return pieces if stream else "".join(pieces)
+
+    def _stream(self, ids, max_new_tokens, sampling) -> Iterator[str]:
+        self.last_stats = stats = GenerationStats()
+        decoder = StreamDecoder(self.tokenizer)
+        for token in generate_tokens(self.transformer, ids, max_new_tokens, sampling, self.stop_ids, stats):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+        if stats.stopped_by == "context":
+            warnings.warn(f"stopped at the model's context limit of {self.config.max_seq_len} tokens",
+                          ContextLimitWarning, stacklevel=2)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p):
+    if max_new_tokens < 0:
+        raise TinyLLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise TinyLLMError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise TinyLLMError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise TinyLLMError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def load(path: str | Path | None = None, ops=None, progress: bool = True) -> Model:
+    """Load a Hugging Face-layout Llama model directory; `path=None` means the default model,
+    pulled (downloaded and converted) first if it is not there yet."""
+    if path is None:
+        from .pull import default_model_dir, is_model_dir, pull
+
+        path = default_model_dir()
+        if not is_model_dir(path):
+            path = pull(progress=progress)
+    return Model(Path(path), ops=ops)

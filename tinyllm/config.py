@@ -1,0 +1,81 @@
+"""The model's hyperparameters, read from a Hugging Face `config.json`."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+# Architectures whose checkpoints are plain Llama blocks (RMSNorm, RoPE, GQA, SwiGLU) in the HF layout.
+LLAMA_FAMILY = {"llama", "mistral"}
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    max_seq_len: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        model_type = d.get("model_type", "llama")
+        if model_type not in LLAMA_FAMILY:
+            raise ModelError(f"model_type {model_type!r} is not supported (tinyllm runs {sorted(LLAMA_FAMILY)})")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ModelError(f"hidden_act {d['hidden_act']!r} is not supported (only silu)")
+        try:
+            n_heads = int(d["num_attention_heads"])
+            hidden = int(d["hidden_size"])
+            # Newer configs nest the rope settings in `rope_parameters`; older ones use `rope_theta`.
+            rope = d.get("rope_parameters") or {}
+            theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+            scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+            if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+                scaling = None
+            eos = d.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            return cls(
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                n_layers=int(d["num_hidden_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+                head_dim=int(d.get("head_dim") or hidden // n_heads),
+                max_seq_len=int(d.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(theta),
+                rope_scaling=scaling,
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"config.json is missing or has a bad value for {e}") from None
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "Config":
+        file = Path(path) / "config.json"
+        try:
+            d = json.loads(file.read_text())
+        except FileNotFoundError:
+            raise ModelError(f"{path} is not a model directory: it has no config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelError(f"{file} is not valid JSON: {e}") from None
+        if d.get("rope_scaling") and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) not in (
+            "default", "linear", "llama3"
+        ):
+            raise ModelError(f"rope scaling {d['rope_scaling']} is not supported (default, linear, llama3)")
+        return cls.from_dict(d)

@@ -1,0 +1,17 @@
+"""Errors a user can cause. The CLI prints them as one `error:` line and exits 2."""
+
+
+class TinyLLMError(Exception):
+    """Base class of every error tinyllm raises for bad input or a missing resource."""
+
+
+class ModelError(TinyLLMError):
+    """A model directory is missing, incomplete, or describes an architecture we do not run."""
+
+
+class PullError(TinyLLMError):
+    """The default model could not be downloaded, verified or converted."""
+
+
+class ContextError(TinyLLMError):
+    """A prompt does not fit in the model's context window."""

@@ -1,0 +1,324 @@
+"""Turn a Llama-architecture GGUF file into a Hugging Face-style model directory.
+
+GGUF is llama.cpp's single-file format: hyper-parameters, tokenizer and
+(usually quantized) weights live together in one file. tinyllm reads the
+Hugging Face layout instead (config.json + model.safetensors + tokenizer.json),
+so this module unpacks a GGUF into exactly that:
+
+* every weight is dequantized to float32 and renamed to its Hugging Face name;
+* the row permutation llama.cpp applies to the query/key projections is undone;
+* the GGUF vocabulary and merges become a `tokenizers` byte-level BPE tokenizer.
+
+Only what the Llama architecture needs is supported; anything else is refused
+with a `ModelError` rather than converted into a model that quietly misbehaves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import ModelError
+
+# GGUF tensor names (without the ".weight" suffix) -> Hugging Face names.
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+# Values of tokenizer.ggml.token_type (llama.cpp's llama_token_type).
+_TOKEN_CONTROL = 3
+_TOKEN_USER_DEFINED = 4
+
+
+def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert the GGUF file `gguf_path` into a model directory at `out_dir`.
+
+    Everything is first written to a hidden temporary directory next to
+    `out_dir` and renamed into place only when complete, so an interrupted or
+    failed conversion never leaves a half-written model under the final name.
+    An existing `out_dir` is an error unless `overwrite` is true.
+    Returns `out_dir` as a Path.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ModelError(f"{out_dir} already exists")
+    reader = _open_gguf(Path(gguf_path))
+    fields = {key: field.contents() for key, field in reader.fields.items()}
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise ModelError(f"{gguf_path}: architecture {arch!r} is not supported (only llama)")
+
+    config = _llama_config(fields)
+    # Built before any weight is touched, so a vocabulary we cannot express
+    # fails fast instead of after minutes of dequantizing.
+    tokenizer = _build_tokenizer(fields)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _usual_permissions(tmp, 0o777)  # mkdtemp makes it private; the model should not be
+        tensors = _convert_tensors(reader, config, progress)
+        del reader  # drop the memory map of the GGUF file as early as possible
+        config["tie_word_embeddings"] = "lm_head.weight" not in tensors
+
+        # Imported here so that merely importing tinyllm stays cheap.
+        from safetensors.numpy import save_file
+
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _usual_permissions(tmp / "model.safetensors", 0o666)  # safetensors writes it 0600
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "tokenizer_config.json", _tokenizer_config(fields, config))
+        _write_json(tmp / "generation_config.json", {
+            key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+        })
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo the row order llama.cpp gives a query or key projection.
+
+    Hugging Face Llama rotates the two halves of each head's vector
+    (dimension i pairs with i + head_dim/2); llama.cpp's RoPE rotates adjacent
+    pairs (2i with 2i+1). Its converter therefore interleaves the two halves of
+    every head's rows. Here we put each head's rows back as [evens..., odds...].
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's permutation (Hugging Face order -> GGUF order); the inverse of `unpermute_qk`."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _open_gguf(path: Path):
+    """Open a GGUF file, turning any failure into a one-line ModelError."""
+    import gguf  # imported lazily: only conversion needs it
+
+    if not path.is_file():
+        raise ModelError(f"no such file: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # gguf raises ValueError, struct.error, ... on bad input
+        raise ModelError(f"{path} is not a readable GGUF file ({exc})") from None
+
+
+def _llama_config(fields: dict) -> dict:
+    """Translate llama.* metadata into the fields of a Hugging Face LlamaConfig."""
+
+    def need(key):
+        if key not in fields:
+            raise ModelError(f"GGUF file lacks the required field {key}")
+        return fields[key]
+
+    scaling = fields.get("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ModelError(f"RoPE scaling {scaling!r} is not supported")
+
+    hidden = int(need("llama.embedding_length"))
+    heads = int(need("llama.attention.head_count"))
+    head_dim = int(fields.get("llama.attention.key_length", hidden // heads))
+    rope_dims = int(fields.get("llama.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise ModelError(f"partial RoPE ({rope_dims} of {head_dim} dimensions) is not supported")
+    tokens = fields.get("tokenizer.ggml.tokens", [])
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(need("llama.feed_forward_length")),
+        "num_hidden_layers": int(need("llama.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(fields.get("llama.attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "max_position_embeddings": int(need("llama.context_length")),
+        # GGUF stores these as float32; float() of it keeps that exact value.
+        "rms_norm_eps": float(need("llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(fields.get("llama.rope.freq_base", 10000.0)),
+        "vocab_size": int(fields.get("llama.vocab_size", len(tokens))),
+        "tie_word_embeddings": True,  # decided once we know whether output.weight exists
+        "bos_token_id": _optional_int(fields, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _optional_int(fields, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _optional_int(fields, "tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+
+
+def _optional_int(fields: dict, key: str):
+    return int(fields[key]) if key in fields else None
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _hf_name(gguf_name: str) -> str:
+    """Map a GGUF tensor name to its Hugging Face name, or raise ModelError."""
+    if gguf_name == "rope_freqs.weight":
+        raise ModelError("per-dimension RoPE frequencies (rope_freqs.weight) are not supported")
+    if gguf_name.endswith(".weight") and gguf_name[: -len(".weight")] in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name[: -len(".weight")]] + ".weight"
+    match = _LAYER_TENSOR.fullmatch(gguf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
+    raise ModelError(f"unexpected tensor {gguf_name!r} in a llama GGUF file")
+
+
+def _convert_tensors(reader, config: dict, progress: bool) -> dict:
+    """Dequantize, rename and un-permute every tensor; returns {hf_name: float32 array}."""
+    import gguf
+
+    tensors = {}
+    for t in tqdm(reader.tensors, desc="converting", unit="tensor", disable=not progress):
+        name = _hf_name(t.name)
+        # GGUF lists dimensions fastest-varying first, the reverse of numpy's order.
+        shape = tuple(int(n) for n in reversed(t.shape))
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelError(f"tensor {t.name} uses {t.tensor_type.name}, which we cannot dequantize") from None
+        # np.array copies: F32 tensors come back as views into the memory-mapped file.
+        w = np.array(w, dtype=np.float32).reshape(shape)
+        if name.endswith("self_attn.q_proj.weight"):
+            w = unpermute_qk(w, config["num_attention_heads"])
+        elif name.endswith("self_attn.k_proj.weight"):
+            w = unpermute_qk(w, config["num_key_value_heads"])
+        tensors[name] = np.ascontiguousarray(w)
+    return tensors
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _build_tokenizer(fields: dict):
+    """Rebuild the GGUF's byte-level BPE vocabulary as a `tokenizers.Tokenizer`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kind = fields.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ModelError(f"tokenizer type {kind!r} is not supported (only gpt2-style byte-level BPE)")
+    tokens = fields["tokenizer.ggml.tokens"]
+    types = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    merges = [tuple(m.split(" ")) for m in fields.get("tokenizer.ggml.merges", [])]
+    if any(len(m) != 2 for m in merges):
+        raise ModelError("malformed BPE merge in the GGUF vocabulary")
+
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False, byte_fallback=False))
+    tok.pre_tokenizer = _pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"), pre_tokenizers)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    # Control tokens (<|im_start|>, ...) and user-defined tokens are matched as
+    # whole strings before BPE runs, the way llama.cpp matches them; they keep
+    # their ids because they are already in the vocabulary.
+    added = [
+        AddedToken(token, special=(kind_ == _TOKEN_CONTROL), normalized=False)
+        for token, kind_ in zip(tokens, types)
+        if kind_ in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
+    ]
+    tok.add_tokens(added)
+    return tok
+
+
+def _pre_tokenizer(pre: str, pre_tokenizers):
+    """How text is cut into words before BPE, following llama.cpp's `tokenizer.ggml.pre`.
+
+    "smollm" (like StarCoder's vocabulary) first isolates every digit, so
+    numbers are spelled digit by digit, then applies GPT-2's byte-level regex.
+    """
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if pre in ("default", "gpt2"):
+        return byte_level
+    if pre in ("smollm", "starcoder"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    raise ModelError(f"tokenizer pre-tokenization {pre!r} is not supported")
+
+
+def _tokenizer_config(fields: dict, config: dict) -> dict:
+    """The tokenizer_config.json that tells users of the tokenizer its special tokens."""
+    tokens = fields["tokenizer.ggml.tokens"]
+
+    def token(key):
+        i = _optional_int(fields, key)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    return {
+        "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(fields.get("tokenizer.ggml.add_eos_token", False)),
+        "bos_token": token("tokenizer.ggml.bos_token_id"),
+        "eos_token": token("tokenizer.ggml.eos_token_id"),
+        "pad_token": token("tokenizer.ggml.padding_token_id"),
+        "unk_token": token("tokenizer.ggml.unknown_token_id"),
+        "chat_template": fields.get("tokenizer.chat_template"),
+        "model_max_length": config["max_position_embeddings"],
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+# ---------------------------------------------------------------- output
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _usual_permissions(path: Path, mode: int) -> None:
+    """Give `path` the permissions a plain open()/mkdir() would: `mode` minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished `tmp` onto `out_dir`, first setting aside any old `out_dir`.
+
+    A directory cannot be renamed over a non-empty one, so an old model is moved
+    to a hidden name, the new one takes its place, and only then is the old one
+    deleted; if the swap fails the old model is put back.
+    """
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, old / "model")
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(old / "model", out_dir)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

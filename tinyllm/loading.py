@@ -1,0 +1,71 @@
+"""Reading weights from safetensors files, memory-mapped.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header that gives each tensor's
+dtype, shape and byte range, then the raw bytes. We map the file into memory and convert one tensor
+at a time to float32, so loading never holds more than one copy of the weights plus one tensor
+(reading the whole file into a bytes object first would double the peak). NumPy has no bfloat16:
+a bf16 value is the top half of a float32, so we widen it with a 16-bit shift.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelError
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
+            raise ModelError(f"{path} is not a safetensors file (bad header)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as float32 NumPy arrays (HF names -> arrays)."""
+    header, data_start = _read_header(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ModelError(f"{path}: tensor {name} has dtype {info['dtype']}; tinyllm reads F32, F16, BF16")
+        begin, end = info["data_offsets"]
+        raw = mapped[data_start + begin : data_start + end].view(dtype).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            out[name] = (raw.astype(np.uint32) << 16).view(np.float32)
+        else:
+            out[name] = np.array(raw, dtype=np.float32)  # a copy: the map can be closed after loading
+    del mapped
+    return out
+
+
+def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a model directory: `model.safetensors`, or the shards an index file lists."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (model_dir / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ModelError(f"{model_dir} has no model.safetensors (nor model.safetensors.index.json)")
+    weights = {}
+    for name in files:
+        if not (model_dir / name).exists():
+            raise ModelError(f"{model_dir}: shard {name} listed in the index is missing")
+        weights.update(read_safetensors(model_dir / name))
+    return weights
