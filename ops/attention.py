@@ -27,10 +27,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np
     qg = q.reshape(T, n_kv, group, d).transpose(1, 2, 0, 3).reshape(n_kv, group * T, d)
     scores = (qg @ k.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(d))  # (Hkv, group*T, S)
     if T > 1:  # a single decode token sees the whole cache: no mask needed
-        query_pos = start_pos + np.arange(T)
-        future = np.arange(S)[None, :] > query_pos[:, None]  # (T, S)
-        scores = scores.reshape(n_kv, group, T, S)
-        scores[:, :, future] = -np.inf
-        scores = scores.reshape(n_kv, group * T, S)
+        # query t (position start_pos+t) must not see key positions > start_pos+t: add -inf there
+        mask = np.triu(np.full((T, S), -np.inf, dtype=np.float32), k=start_pos + 1)  # (T, S)
+        scores = (scores.reshape(n_kv, group, T, S) + mask).reshape(n_kv, group * T, S)
     out = softmax(scores) @ v  # (Hkv, group*T, d)
     return out.reshape(n_kv, group, T, d).transpose(2, 0, 1, 3).reshape(T, n_heads, d)

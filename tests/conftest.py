@@ -2,6 +2,7 @@
 default model, pulled once per test run."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -76,3 +77,38 @@ def golden() -> dict:
     import json
 
     return json.loads((DATA / "smollm2_135m.json").read_text())
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_byte_tokenizer(path: Path) -> int:
+    """A byte-level tokenizer with no merges (one token per byte) and three special tokens, written
+    as tokenizer.json + tokenizer_config.json. Returns its vocabulary size."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    vocab.update({ch: len(specials) + i for i, ch in enumerate(sorted(alphabet))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": TINY_CHAT_TEMPLATE}))
+    return len(vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A complete tiny model directory (random weights, byte tokenizer, chat template): fast to run,
+    so the API and CLI can be tested without the real model."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    vocab = write_byte_tokenizer(path)
+    build_tiny_llama(path, vocab=vocab, max_pos=64, tied=True)
+    return path

@@ -75,9 +75,9 @@ class Model:
 
     def _check_fits(self, n: int):
         if n == 0:
-            raise TinyLLMError("no tokens to run")
+            raise TinyLLMError("the prompt is empty: no tokens to run")
         if n > self.config.max_seq_len:
-            raise ContextError(f"{n} tokens do not fit in the model's context of {self.config.max_seq_len}")
+            raise ContextError(f"the prompt has {n} tokens; the model's context is {self.config.max_seq_len}")
 
     # -- text -----------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
@@ -100,27 +100,32 @@ class Model:
         Stops at an end-of-sequence token, after `max_new_tokens`, or at the context limit (with a
         ContextLimitWarning). Statistics of the run land in `self.last_stats`.
         """
-        _check_sampling(max_new_tokens, temperature, top_k, top_p)
         ids = self.prompt_ids(prompt, chat=chat, system=system)
-        if not ids:
-            raise TinyLLMError("the prompt is empty")
-        ctx = self.config.max_seq_len
-        if len(ids) > ctx:
-            raise ContextError(f"the prompt has {len(ids)} tokens; the model's context is {ctx}")
-        pieces = self._stream(ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed))
+        tokens = self.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, seed=seed)
+        pieces = self._text_pieces(tokens)
         return pieces if stream else "".join(pieces)
 
-    def _stream(self, ids, max_new_tokens, sampling) -> Iterator[str]:
-        self.last_stats = stats = GenerationStats()
+    def generate_ids(self, ids: list[int], *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+        """The token-level generator under `generate`: yields new token ids for prompt ids `ids`
+        (the end-of-sequence token that stops it is not yielded)."""
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        self._check_fits(len(ids))
+        self.last_stats = GenerationStats()
+        return generate_tokens(self.transformer, list(ids), max_new_tokens,
+                               Sampling(temperature, top_k, top_p, seed), self.stop_ids, self.last_stats)
+
+    def _text_pieces(self, tokens: Iterator[int]) -> Iterator[str]:
         decoder = StreamDecoder(self.tokenizer)
-        for token in generate_tokens(self.transformer, ids, max_new_tokens, sampling, self.stop_ids, stats):
+        for token in tokens:
             piece = decoder.push(token)
             if piece:
                 yield piece
         tail = decoder.flush()
         if tail:
             yield tail
-        if stats.stopped_by == "context":
+        if self.last_stats.stopped_by == "context":
             warnings.warn(f"stopped at the model's context limit of {self.config.max_seq_len} tokens",
                           ContextLimitWarning, stacklevel=2)
 

@@ -71,7 +71,7 @@ def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool 
 
     config = _llama_config(fields)
     # Built before any weight is touched, so a vocabulary we cannot express
-    # fails fast instead of after minutes of dequantizing.
+    # fails fast instead of after dequantizing every weight.
     tokenizer = _build_tokenizer(fields)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +216,13 @@ def _convert_tensors(reader, config: dict, progress: bool) -> dict:
         elif name.endswith("self_attn.k_proj.weight"):
             w = unpermute_qk(w, config["num_key_value_heads"])
         tensors[name] = np.ascontiguousarray(w)
+
+    expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{part}.weight" for i in range(config["num_hidden_layers"]) for part in _LAYER_NAMES.values()
+    }
+    missing = sorted(expected - tensors.keys())
+    if missing:
+        raise ModelError(f"GGUF file is missing {len(missing)} tensor(s), the first being {missing[0]}")
     return tensors
 
 

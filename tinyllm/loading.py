@@ -1,14 +1,16 @@
 """Reading weights from safetensors files, memory-mapped.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header that gives each tensor's
-dtype, shape and byte range, then the raw bytes. We map the file into memory and convert one tensor
-at a time to float32, so loading never holds more than one copy of the weights plus one tensor
-(reading the whole file into a bytes object first would double the peak). NumPy has no bfloat16:
-a bf16 value is the top half of a float32, so we widen it with a 16-bit shift.
+dtype, shape and byte range, then the raw bytes. We map the file into memory: a float32 tensor is
+used in place (a read-only array over the mapped bytes, no copy at all), and a float16/bfloat16 one
+is widened to a new float32 array one tensor at a time. So loading holds about one copy of the
+weights (reading the whole file into a bytes object first would double the peak). NumPy has no
+bfloat16: a bf16 value is the top half of a float32, so we widen it with a 16-bit shift.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from pathlib import Path
 
@@ -36,19 +38,23 @@ def _read_header(path: Path) -> tuple[dict, int]:
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of one safetensors file as float32 NumPy arrays (HF names -> arrays)."""
     header, data_start = _read_header(path)
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    with open(path, "rb") as f:
+        # The map outlives the file object: every array made from it keeps a reference to it.
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     out = {}
     for name, info in header.items():
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
             raise ModelError(f"{path}: tensor {name} has dtype {info['dtype']}; tinyllm reads F32, F16, BF16")
         begin, end = info["data_offsets"]
-        raw = mapped[data_start + begin : data_start + end].view(dtype).reshape(info["shape"])
+        count = (end - begin) // np.dtype(dtype).itemsize
+        if data_start + end > len(mapped) or count != int(np.prod(info["shape"])):
+            raise ModelError(f"{path}: tensor {name} does not fit its byte range (truncated file?)")
+        raw = np.frombuffer(mapped, dtype=dtype, count=count, offset=data_start + begin).reshape(info["shape"])
         if info["dtype"] == "BF16":
             out[name] = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
-            out[name] = np.array(raw, dtype=np.float32)  # a copy: the map can be closed after loading
-    del mapped
+            out[name] = raw.astype(np.float32, copy=False)  # F32: the mapped bytes themselves
     return out
 
 

