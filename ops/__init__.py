@@ -1,11 +1,12 @@
 """tinyllm's operators.
 
 Every operator the model runs has a plain NumPy reference here, one file per op family, written to
-read like the formula. The model never imports these functions directly: it asks an op table
-(see `ops.registry`) for an op by name, so an optimised variant can be swapped in without touching
-the model.
+read like the formula, with its optimised variants beside it. The model never imports these
+functions: it calls ops by name on an op table (see `ops.registry`), so a variant can be swapped in
+without touching the model.
 """
-from . import activation, attention, embedding, linear, norm, rope, sampling  # noqa: F401  (registers the ops)
-from .registry import OPS, reference_table
+# Imported in the order the model runs them, which is the order `tinyllm ops` lists them in.
+from . import embedding, norm, linear, rope, attention, mlp, sampling  # noqa: F401,I001  (declares the ops)
+from .registry import OPS, VARIANTS, OpTable, Weights, op, reference_table, variant
 
-__all__ = ["OPS", "reference_table"]
+__all__ = ["OPS", "VARIANTS", "OpTable", "Weights", "op", "variant", "reference_table"]

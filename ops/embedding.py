@@ -1,10 +1,23 @@
 """Token embedding: look up one row of the table per token id."""
 import numpy as np
 
-from .registry import op
+from .registry import EXACT, op, random_array
 
 
-@op("embedding")
+def _inputs():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def args(draw):
+        vocab, dim = draw(st.integers(1, 300)), draw(st.integers(1, 97))
+        table = random_array(draw, (vocab, dim))
+        ids = np.array(draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=40)), dtype=np.int64)
+        return table, ids
+
+    return args()
+
+
+@op("embedding", rule=EXACT, inputs=_inputs, weights=(0,))
 def embedding(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """x[t] = table[ids[t]]   table (V, D), ids (T,) -> (T, D)"""
     return table[ids]

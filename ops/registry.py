@@ -1,38 +1,310 @@
-"""The op registry: each operator is declared once, by name, with its NumPy reference.
+"""The op registry: every operator is a named contract, and any number of variants implement it.
 
-The model calls ops through an *op table*, an object whose attributes are the ops by name
-(`ops.rmsnorm(x, w, eps)`). Which function stands behind each name is the scheduler's business;
-for now every name resolves to its reference implementation.
+An **op** is declared once, beside its NumPy reference (`@op(...)` in the op family's file):
+
+- `reference`: the plain NumPy function that *defines* what the op computes;
+- `inputs`: a Hypothesis strategy of valid arguments, and `examples`: explicit edge cases that are
+  always checked first (so catching a planted bug never depends on luck);
+- `rule`: how a variant's output is compared with the reference's (a tolerance, stated and justified);
+- `weights`: which arguments are weights, i.e. what a variant's `prepare` step transforms once when a
+  schedule is applied (quantise, transpose, concatenate...) instead of on every call.
+
+A **composite** op names a sequence the model runs as one step (`qkv_rope`: rmsnorm, then the Q/K/V
+projections, then RoPE). Its reference is written as a composition of primitive ops taken from an op
+table: run over the reference table it is the composite's reference (always available); run over
+the current schedule's table it is the `composed` variant, so swapping `linear` also changes the
+projections inside every unfused composite. A `fused` variant does the whole composite in one kernel.
+
+A **variant** registers with `@variant(op, name, ...)`, from our `ops/` files or from a user's plugin
+module. The model never imports a variant: it calls ops by name on an `OpTable`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Callable
+from typing import Any, Callable
+
+import numpy as np
+
+REFERENCE = "reference"  # every primitive op's defining variant
+COMPOSED = "composed"  # every composite op's unfused variant: the composition over the schedule's ops
+
+
+class RegistryError(Exception):
+    """A name that is not registered, or a registration that clashes (tinyllm turns it into a one-line error)."""
+
+
+# ---------------------------------------------------------------------------------- comparison
 
 
 @dataclass(frozen=True)
+class Rule:
+    """How a variant's output is compared with the reference output.
+
+    `exact`: equal, bit for bit (copies, integer results, a single rounding done the same way).
+    otherwise: max|out - ref| <= tol * max|ref| elementwise over each output array, the error
+    measured against the largest reference magnitude (as logits are judged). NaN or inf where the
+    reference has a finite value always fails. `why` justifies the bound.
+    """
+
+    tol: float = 0.0
+    why: str = ""
+
+    @property
+    def exact(self) -> bool:
+        return self.tol == 0.0
+
+    def __str__(self) -> str:
+        return "exact" if self.exact else f"max|Δ| ≤ {self.tol:g}·max|ref|"
+
+    def compare(self, out, ref) -> str | None:
+        """None if `out` passes against `ref`, else a description of the observed error."""
+        if isinstance(ref, tuple):
+            if not isinstance(out, tuple) or len(out) != len(ref):
+                return f"returned {type(out).__name__} of {_len(out)} items, expected a tuple of {len(ref)}"
+            for i, (o, r) in enumerate(zip(out, ref)):
+                err = self.compare(o, r)
+                if err:
+                    return f"output {i}: {err}"
+            return None
+        if not isinstance(ref, np.ndarray):  # ints (token ids) and other scalars compare exactly
+            return None if out == ref else f"returned {out!r}, expected {ref!r}"
+        out = np.asarray(out)
+        if out.shape != ref.shape:
+            return f"shape {out.shape}, expected {ref.shape}"
+        if out.dtype != ref.dtype:
+            return f"dtype {out.dtype}, expected {ref.dtype}"
+        if self.exact:
+            bad = ~((out == ref) | (np.isnan(out) & np.isnan(ref)))
+            return f"{int(bad.sum())} of {out.size} values differ (exact rule)" if bad.any() else None
+        finite = np.isfinite(ref)
+        if np.any(~np.isfinite(out) & finite):
+            return f"{int(np.sum(~np.isfinite(out) & finite))} non-finite values where the reference is finite"
+        if np.any(~finite & (out != ref)):
+            return "differs where the reference is not finite"
+        if not finite.any():
+            return None
+        scale = float(np.max(np.abs(ref[finite])))
+        err = float(np.max(np.abs(out[finite].astype(np.float64) - ref[finite])))
+        if err <= self.tol * scale or err == 0.0:
+            return None
+        return f"max|Δ| = {err:.3g} = {err / scale if scale else float('inf'):.3g}·max|ref| > {self.tol:g}·max|ref|"
+
+
+def _len(x):
+    try:
+        return len(x)
+    except TypeError:
+        return "no"
+
+
+EXACT = Rule(0.0, "")
+
+
+def close(tol: float, why: str) -> Rule:
+    return Rule(tol, why)
+
+
+# ---------------------------------------------------------------------------------- weights
+
+
+class Weights:
+    """A bundle of weights passed to a composite op as one argument (`w.wq`, `w.norm`, ...).
+
+    A variant's prepare step returns a new bundle, possibly with other fields (a fused Q/K/V kernel
+    might hold one concatenated `wqkv`)."""
+
+    def __init__(self, **arrays):
+        self.__dict__.update(arrays)
+
+    def replace(self, **changes) -> "Weights":
+        return Weights(**{**self.__dict__, **changes})
+
+    def __repr__(self) -> str:
+        return "Weights(" + ", ".join(f"{k}={_describe(v)}" for k, v in self.__dict__.items()) + ")"
+
+
+# ---------------------------------------------------------------------------------- ops and variants
+
+
+@dataclass
 class Op:
     name: str
-    reference: Callable
+    reference: Callable  # for a composite: fn(ops, *args), a composition over an op table
     doc: str
+    rule: Rule
+    inputs: Callable[[], Any] | None  # () -> Hypothesis strategy of argument tuples
+    examples: Callable[[], list[tuple]] = lambda: []
+    weights: tuple[int, ...] = ()  # argument positions a prepare step transforms
+    composite: tuple[str, ...] = ()  # for a composite op: the primitive ops it is made of
+    projections: tuple[str, ...] = ()  # for a composite: the Weights fields that are `linear` weights
+
+    @property
+    def is_composite(self) -> bool:
+        return bool(self.composite)
+
+
+@dataclass
+class Variant:
+    op: str
+    name: str
+    fn: Callable | None  # None for `composed`: bound to an op table when one is built
+    doc: str = ""
+    available: bool = True
+    unavailable_reason: str = ""
+    prepare: Callable | None = None  # weight -> prepared weight, once per schedule application
+    weight_format: str = "fp32"  # linear: the format prepare produces; composites: the format read
+    source: str = ""  # the module that registered it
+
+    @property
+    def label(self) -> str:
+        return f"{self.op}={self.name}"
 
 
 OPS: dict[str, Op] = {}
+VARIANTS: dict[str, dict[str, Variant]] = {}
 
 
-def op(name: str):
-    """Declare the decorated function as the NumPy reference of op `name`."""
+def op(name: str, *, rule: Rule, inputs=None, examples=None, weights=(), composite=(), projections=()):
+    """Declare the decorated function as the reference of op `name` (see the module docstring)."""
 
     def register(fn: Callable) -> Callable:
         if name in OPS:
-            raise ValueError(f"op {name!r} is declared twice")
-        OPS[name] = Op(name, fn, (fn.__doc__ or "").strip().splitlines()[0])
+            raise RegistryError(f"op {name!r} is declared twice")
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        OPS[name] = Op(name, fn, doc, rule, inputs, examples or (lambda: []), tuple(weights), tuple(composite),
+                       tuple(projections))
+        if composite:
+            VARIANTS[name] = {COMPOSED: Variant(name, COMPOSED, None, "the composition of the scheduled ops: "
+                                                + " → ".join(composite), weight_format="any", source=fn.__module__)}
+        else:
+            VARIANTS[name] = {REFERENCE: Variant(name, REFERENCE, fn, "NumPy reference", source=fn.__module__)}
         return fn
 
     return register
 
 
-def reference_table() -> SimpleNamespace:
-    """An op table in which every op runs its NumPy reference."""
-    return SimpleNamespace(**{name: o.reference for name, o in OPS.items()})
+def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = True, unavailable_reason: str = "",
+            prepare: Callable | None = None, weight_format: str = "fp32", replace_existing: bool = False):
+    """Register the decorated function as variant `name` of op `op_name`.
+
+    It must take the same arguments as the op's reference and return the same result, up to the
+    op's comparison rule; arguments listed as the op's `weights` arrive as `prepare` made them.
+    `available` (a bool or a callable) says whether it can run on this machine.
+    """
+
+    def register(fn: Callable) -> Callable:
+        if op_name not in OPS:
+            raise RegistryError(f"cannot register {op_name}={name}: no op {op_name!r}; ops are: {', '.join(OPS)}")
+        if name in (REFERENCE, COMPOSED):
+            raise RegistryError(f"{op_name}={name}: the name {name!r} is reserved")
+        if name in VARIANTS[op_name] and not replace_existing:
+            raise RegistryError(f"{op_name}={name} is registered twice (by {VARIANTS[op_name][name].source} "
+                                f"and {fn.__module__})")
+        ok = available() if callable(available) else bool(available)
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        VARIANTS[op_name][name] = Variant(op_name, name, fn, doc, ok, unavailable_reason, prepare, weight_format,
+                                          fn.__module__)
+        return fn
+
+    return register
+
+
+def get_op(name: str) -> Op:
+    if name not in OPS:
+        raise RegistryError(f"unknown op {name!r}; ops are: {', '.join(OPS)}")
+    return OPS[name]
+
+
+def get_variant(op_name: str, name: str) -> Variant:
+    get_op(op_name)
+    if name == REFERENCE and OPS[op_name].is_composite:
+        name = COMPOSED  # `reference` of a composite is its composition
+    if name not in VARIANTS[op_name]:
+        raise RegistryError(f"unknown variant {op_name}={name}; {op_name} has: {', '.join(VARIANTS[op_name])}")
+    return VARIANTS[op_name][name]
+
+
+def default_variant(op_name: str) -> str:
+    return COMPOSED if OPS[op_name].is_composite else REFERENCE
+
+
+# ---------------------------------------------------------------------------------- op tables
+
+
+class OpTable:
+    """What the model calls: one attribute per op, the chosen variant's function.
+
+    `choice` maps every op name to a variant name. A `composed` composite is bound to this very
+    table, so its primitive steps run whatever variants the table holds."""
+
+    def __init__(self, choice: dict[str, str]):
+        self.choice = dict(choice)
+        for name, var_name in self.choice.items():
+            v = get_variant(name, var_name)
+            fn = functools.partial(OPS[name].reference, self) if v.name == COMPOSED else v.fn
+            setattr(self, name, fn)
+
+
+def reference_table() -> OpTable:
+    """The op table in which every op runs its reference (composites: composed over references)."""
+    return OpTable({name: default_variant(name) for name in OPS})
+
+
+def reference_function(op_name: str) -> Callable:
+    """The function that defines op `op_name`: its NumPy reference, or for a composite the
+    composition over the reference table."""
+    o = get_op(op_name)
+    return functools.partial(o.reference, reference_table()) if o.is_composite else o.reference
+
+
+def prepare_argument(op_name: str, v: Variant, linear: Variant, value):
+    """A weight argument of op `op_name` as variant `v` wants it (with `linear` the schedule's
+    linear variant, which prepares the projections inside an unfused composite)."""
+    o = OPS[op_name]
+    if v.name == COMPOSED:
+        if linear.prepare is None or not isinstance(value, Weights):
+            return value
+        return value.replace(**{f: linear.prepare(getattr(value, f)) for f in o.projections
+                                if getattr(value, f, None) is not None})
+    return value if v.prepare is None else v.prepare(value)
+
+
+# ---------------------------------------------------------------------------------- input helpers
+
+
+def random_array(draw, shape, scales=(1.0,), zero_rows: bool = False) -> np.ndarray:
+    """A float32 array for a Hypothesis strategy: standard normal values from a drawn seed, times a
+    drawn scale (large and tiny magnitudes); optionally with some rows set to zero.
+
+    Hypothesis shrinks the seed and the scale, so a failing example is reported small and simple."""
+    from hypothesis import strategies as st
+
+    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    scale = draw(st.sampled_from(scales), label="scale")
+    a = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+    if zero_rows and a.ndim >= 1 and a.shape[0] > 0:
+        rows = draw(st.lists(st.booleans(), min_size=a.shape[0], max_size=a.shape[0]), label="zero rows")
+        a[np.array(rows, dtype=bool)] = 0
+    return a
+
+
+def _describe(x) -> str:
+    if isinstance(x, np.ndarray):
+        if x.size <= 6:
+            return f"{x.dtype}{list(x.shape)} {np.array2string(x.ravel(), precision=4, separator=', ')}"
+        finite = x[np.isfinite(x)] if np.issubdtype(x.dtype, np.floating) else x
+        peak = f" max|x|={np.max(np.abs(finite)):.3g}" if finite.size else ""
+        n_zero = 0 if x.ndim < 2 else int(np.sum(~x.reshape(x.shape[0], -1).any(axis=1)))
+        zeros = f" zero rows={n_zero}" if n_zero else ""
+        return f"{x.dtype}{list(x.shape)}{peak}{zeros}"
+    if isinstance(x, Weights):
+        return repr(x)
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return repr(x)
+
+
+def describe_args(args: tuple) -> str:
+    """A one-line summary of an example's arguments (shapes, magnitudes, small values in full)."""
+    return "(" + ", ".join(_describe(a) for a in args) + ")"

@@ -6,7 +6,7 @@ the op only applies them.
 """
 import numpy as np
 
-from .registry import op
+from .registry import close, op, random_array
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
@@ -29,13 +29,42 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> n
     raise ValueError(f"unsupported rope scaling {kind!r}")
 
 
-def rope_tables(inv_freq: np.ndarray, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of pos * inv_freq for every position: two (n_positions, d/2) float32 tables."""
-    angles = np.outer(np.arange(n_positions, dtype=np.float64), inv_freq)
+def rope_tables(inv_freq: np.ndarray, n_positions: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of pos * inv_freq for positions start .. start+n_positions-1: two (n, d/2) float32 tables."""
+    angles = np.outer(np.arange(start, start + n_positions, dtype=np.float64), inv_freq)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-@op("rope")
+def draw_rope_tables(draw, T: int, head_dim: int):
+    """Hypothesis helper: cos/sin tables for T consecutive positions starting anywhere in a long context."""
+    from hypothesis import strategies as st
+
+    theta = draw(st.sampled_from([1e4, 1e5, 1e6]), label="theta")
+    start = draw(st.integers(0, 4000), label="start position")
+    return rope_tables(rope_inv_freq(head_dim, theta), T, start)
+
+
+def _inputs():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def args(draw):
+        T, H = draw(st.integers(1, 24), label="T"), draw(st.integers(1, 9), label="H")
+        d = 2 * draw(st.integers(1, 64), label="d/2")
+        cos, sin = draw_rope_tables(draw, T, d)
+        return random_array(draw, (T, H, d), (1.0, 1e-3, 1e3)), cos, sin
+
+    return args()
+
+
+def _examples():
+    x = np.random.default_rng(2).standard_normal((3, 2, 8)).astype(np.float32)
+    cos, sin = rope_tables(rope_inv_freq(8, 10000.0), 3, start=1)
+    return [(x, cos, sin)]
+
+
+@op("rope", rule=close(1e-5, "two products and a sum per element; an FMA or another order moves the last bits"),
+    inputs=_inputs, examples=_examples)
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate pairs (x1[i], x2[i]) by the angle of their position.   x (T, H, d), cos/sin (T, d/2) -> (T, H, d)
 

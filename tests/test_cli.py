@@ -33,7 +33,7 @@ def test_seed_reproducibility_and_stats(tiny_model_dir):
     (("generate", "hi", "--model", "/no/such/dir"), "does not exist"),
     (("generate", "hi", "--temperature", -1), "temperature"),
     (("generate", "hi", "--top-p", 2), "top_p"),
-    (("generate", "hi", "--ops", "turbo"), "unknown ops schedule"),
+    (("generate", "hi", "--ops", "turbo"), "unknown preset 'turbo'"),
     (("generate", "a" * 100, "--raw"), "context"),
     (("generate", "", "--raw"), "empty"),
 ])

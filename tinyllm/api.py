@@ -15,7 +15,7 @@ import numpy as np
 from .errors import ContextError, ModelError, TinyLLMError
 from .generate import GenerationStats, Sampling, generate_tokens
 from .model import KVCache, Transformer
-from .schedule import resolve_ops
+from . import schedule as scheduling
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -30,8 +30,9 @@ class Model:
         self.path = Path(path)
         if not self.path.is_dir():
             raise ModelError(f"model directory {self.path} does not exist")
-        self.ops_spec, table = resolve_ops(ops)
-        self.transformer = Transformer.from_dir(self.path, table)
+        self.schedule = scheduling.parse(ops)  # validated before the weights are read
+        self.transformer = Transformer.from_dir(self.path)
+        scheduling.apply(self.transformer, self.schedule)
         self.config = self.transformer.cfg
         self.tokenizer = Tokenizer(self.path)
         self.stop_ids = self._stop_ids()
@@ -50,6 +51,18 @@ class Model:
         if eos_tok is not None:
             ids.add(eos_tok)
         return ids
+
+    # -- which variants run ------------------------------------------------------------------------
+    def swap(self, op: str, variant: str) -> None:
+        """Run `variant` for `op` from now on (e.g. `model.swap("linear", "int8")`); only the weights
+        whose preparation changes are prepared again."""
+        self.use(f"{self.schedule.spec},{op}={variant}")
+
+    def use(self, ops) -> None:
+        """Switch the whole schedule (a preset, spec string or dict)."""
+        new = scheduling.parse(ops)
+        scheduling.apply(self.transformer, new)
+        self.schedule = new
 
     # -- logits ---------------------------------------------------------------------------------
     def logits(self, ids) -> np.ndarray:

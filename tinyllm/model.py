@@ -2,15 +2,19 @@
 
     x = embedding(tokens)
     for each layer:
-        h = rmsnorm(x);  q, k, v = h Wq, h Wk, h Wv;  q, k = rope(q), rope(k)
-        x = x + attention(q, k_cache, v_cache) Wo
-        h = rmsnorm(x);  x = x + (silu(h Wgate) * (h Wup)) Wdown
-    logits = rmsnorm(x) Wlm_head
+        q, k, v = rope(rmsnorm(x) Wq), rope(rmsnorm(x) Wk), rmsnorm(x) Wv      qkv_rope
+        x = x + attention(q, k_cache, v_cache) Wo;  h = rmsnorm(x)            attention, linear, add_rmsnorm
+        x = x + (silu(h Wgate) * (h Wup)) Wdown                              swiglu_mlp, add
+    logits = rmsnorm(x) Wlm_head                                             norm_head
 
 Every operator comes from `self.ops`, an op table chosen by the scheduler, so this file never knows
-which implementation runs. Everything is float32: NumPy 2 promotes float32 with a float64 *array or
-np.float64 scalar* to float64, which would silently make decode many times slower, so the forward
-pass asserts the dtype of what it returns.
+which implementation runs. Where several steps are planned to run as one fused kernel, the model
+calls the composite op (`qkv_rope`, `add_rmsnorm`, `swiglu_mlp`, `norm_head`); unfused, a composite
+runs its steps as the scheduled primitive ops.
+
+Everything is float32: NumPy 2 promotes float32 with a float64 *array or np.float64 scalar* to
+float64, which would silently make decode many times slower, so the forward pass asserts the dtype
+of what it returns.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ops.registry import OpTable, Weights, reference_table
 from ops.rope import rope_inv_freq, rope_tables
 
 from .config import Config
@@ -28,19 +33,24 @@ from .loading import load_weights
 
 @dataclass
 class Layer:
-    attn_norm: np.ndarray  # (D,)
-    wq: np.ndarray  # (Hq*d, D)
-    wk: np.ndarray  # (Hkv*d, D)
-    wv: np.ndarray  # (Hkv*d, D)
+    attn_in: Weights  # norm (D,), wq (Hq*d, D), wk/wv (Hkv*d, D), biases bq/bk/bv or None: for qkv_rope
     wo: np.ndarray  # (D, Hq*d)
+    bo: np.ndarray | None  # attention output bias, present in a few Llama-family checkpoints
     mlp_norm: np.ndarray  # (D,)
-    w_gate: np.ndarray  # (F, D)
-    w_up: np.ndarray  # (F, D)
-    w_down: np.ndarray  # (D, F)
-    bq: np.ndarray | None = None  # attention biases, present in a few Llama-family checkpoints
-    bk: np.ndarray | None = None
-    bv: np.ndarray | None = None
-    bo: np.ndarray | None = None
+    mlp: Weights  # gate (F, D), up (F, D), down (D, F): for swiglu_mlp
+
+
+@dataclass
+class WeightSite:
+    """One weight argument of one op call in the forward pass (`owner.attr`), with the raw float32
+    value it was loaded as. The scheduler replaces `owner.attr` by what the chosen variant's prepare
+    step makes of `raw`, and `key` records which preparation it holds."""
+
+    op: str
+    owner: object
+    attr: str
+    raw: object
+    key: tuple | None = None
 
 
 class KVCache:
@@ -58,9 +68,9 @@ class KVCache:
 class Transformer:
     """Weights plus the forward pass. `forward(ids, start_pos, cache)` is the one entry point."""
 
-    def __init__(self, cfg: Config, weights: dict[str, np.ndarray], ops):
+    def __init__(self, cfg: Config, weights: dict[str, np.ndarray], ops: OpTable | None = None):
         self.cfg = cfg
-        self.ops = ops
+        self.ops = ops or reference_table()  # tinyllm.schedule.apply() sets the schedule's table
         w = dict(weights)
 
         def take(name, shape=None, optional=False):
@@ -80,25 +90,26 @@ class Transformer:
         for i in range(cfg.n_layers):
             p = f"model.layers.{i}."
             self.layers.append(Layer(
-                attn_norm=take(p + "input_layernorm.weight", (D,)),
-                wq=take(p + "self_attn.q_proj.weight", (q_dim, D)),
-                wk=take(p + "self_attn.k_proj.weight", (kv_dim, D)),
-                wv=take(p + "self_attn.v_proj.weight", (kv_dim, D)),
+                attn_in=Weights(
+                    norm=take(p + "input_layernorm.weight", (D,)),
+                    wq=take(p + "self_attn.q_proj.weight", (q_dim, D)),
+                    wk=take(p + "self_attn.k_proj.weight", (kv_dim, D)),
+                    wv=take(p + "self_attn.v_proj.weight", (kv_dim, D)),
+                    bq=take(p + "self_attn.q_proj.bias", (q_dim,), optional=True),
+                    bk=take(p + "self_attn.k_proj.bias", (kv_dim,), optional=True),
+                    bv=take(p + "self_attn.v_proj.bias", (kv_dim,), optional=True)),
                 wo=take(p + "self_attn.o_proj.weight", (D, q_dim)),
-                mlp_norm=take(p + "post_attention_layernorm.weight", (D,)),
-                w_gate=take(p + "mlp.gate_proj.weight", (F, D)),
-                w_up=take(p + "mlp.up_proj.weight", (F, D)),
-                w_down=take(p + "mlp.down_proj.weight", (D, F)),
-                bq=take(p + "self_attn.q_proj.bias", (q_dim,), optional=True),
-                bk=take(p + "self_attn.k_proj.bias", (kv_dim,), optional=True),
-                bv=take(p + "self_attn.v_proj.bias", (kv_dim,), optional=True),
                 bo=take(p + "self_attn.o_proj.bias", (D,), optional=True),
+                mlp_norm=take(p + "post_attention_layernorm.weight", (D,)),
+                mlp=Weights(gate=take(p + "mlp.gate_proj.weight", (F, D)),
+                            up=take(p + "mlp.up_proj.weight", (F, D)),
+                            down=take(p + "mlp.down_proj.weight", (D, F))),
             ))
-        self.norm = take("model.norm.weight", (D,))
+        norm = take("model.norm.weight", (D,))
         lm_head = take("lm_head.weight", (cfg.vocab_size, D), optional=True)
         if lm_head is None or cfg.tie_word_embeddings:
             lm_head = self.embed  # tied: the output projection is the embedding table
-        self.lm_head = lm_head
+        self.head = Weights(norm=norm, weight=lm_head)
         w.pop("model.rotary_emb.inv_freq", None)
         for i in range(cfg.n_layers):
             w.pop(f"model.layers.{i}.self_attn.rotary_emb.inv_freq", None)
@@ -109,9 +120,15 @@ class Transformer:
         except (ValueError, KeyError) as e:
             raise ModelError(f"bad rope scaling in config.json: {e}") from None
         self.rope_cos, self.rope_sin = rope_tables(inv_freq, cfg.max_seq_len)
+        # Every weight argument of every op call, so a schedule can prepare them (see tinyllm.schedule).
+        self.weight_sites = [WeightSite("embedding", self, "embed", self.embed)]
+        for L in self.layers:
+            self.weight_sites += [WeightSite("qkv_rope", L, "attn_in", L.attn_in), WeightSite("linear", L, "wo", L.wo),
+                                  WeightSite("swiglu_mlp", L, "mlp", L.mlp)]
+        self.weight_sites.append(WeightSite("norm_head", self, "head", self.head))
 
     @classmethod
-    def from_dir(cls, path: Path, ops) -> "Transformer":
+    def from_dir(cls, path: Path, ops: OpTable | None = None) -> "Transformer":
         cfg = Config.from_dir(path)
         return cls(cfg, load_weights(path), ops)
 
@@ -128,6 +145,7 @@ class Transformer:
         without one, `ids` is the whole sequence (start_pos must be 0).
         """
         ops, cfg = self.ops, self.cfg
+        eps = cfg.rms_norm_eps
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         T, d = len(ids), cfg.head_dim
         end = start_pos + T
@@ -139,11 +157,7 @@ class Transformer:
 
         x = ops.embedding(self.embed, ids)  # (T, D)
         for i, L in enumerate(self.layers):
-            h = ops.rmsnorm(x, L.attn_norm, cfg.rms_norm_eps)
-            q = ops.linear(h, L.wq, L.bq).reshape(T, cfg.n_heads, d)
-            k = ops.linear(h, L.wk, L.bk).reshape(T, cfg.n_kv_heads, d)
-            v = ops.linear(h, L.wv, L.bv).reshape(T, cfg.n_kv_heads, d)
-            q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+            q, k, v = ops.qkv_rope(x, L.attn_in, cos, sin, eps)  # rmsnorm -> Q/K/V projections -> RoPE
             if cache is None:
                 keys, values = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (Hkv, T, d)
             else:
@@ -151,16 +165,13 @@ class Transformer:
                 cache.v[i, :, start_pos:end] = v.transpose(1, 0, 2)
                 keys, values = cache.k[i, :, :end], cache.v[i, :, :end]
             a = ops.attention(q, keys, values, start_pos).reshape(T, cfg.n_heads * d)
-            x = ops.add(x, ops.linear(a, L.wo, L.bo))
-
-            h = ops.rmsnorm(x, L.mlp_norm, cfg.rms_norm_eps)
-            g = ops.swiglu(ops.linear(h, L.w_gate), ops.linear(h, L.w_up))
-            x = ops.add(x, ops.linear(g, L.w_down))
+            x, h = ops.add_rmsnorm(x, ops.linear(a, L.wo, L.bo), L.mlp_norm, eps)  # residual, then norm
+            x = ops.add(x, ops.swiglu_mlp(h, L.mlp))  # residual around the SwiGLU MLP
         if cache is not None:
             cache.length = end
 
         if last_only:
             x = x[-1:]
-        logits = ops.linear(ops.rmsnorm(x, self.norm, cfg.rms_norm_eps), self.lm_head)
+        logits = ops.norm_head(x, self.head, eps)  # final rmsnorm -> LM head
         assert logits.dtype == np.float32, f"the forward pass drifted to {logits.dtype}"
         return logits

@@ -1,17 +1,179 @@
-"""Which implementation runs for each op. For now there is one schedule, `reference`: every op runs
-its plain NumPy reference from `ops/`. Later schedules swap in optimised variants by op name."""
+"""The scheduler: which variant runs for each op, and weights prepared for it.
+
+A schedule maps every op (primitive and composite) to one variant. It is written as
+
+- a **preset** name: `reference` (every op its NumPy reference; composites composed of them), and
+  the presets later kernels add (`numba`, `fused`, ...);
+- a **spec** string: comma-separated items, each a preset name or `op=variant`, applied left to right
+  on top of `reference`, so later items override earlier ones: `fused,attention=reference`;
+- a **dict** `{op: variant}`, applied on top of `reference`.
+
+`apply(transformer, schedule)` runs the chosen variants' prepare steps over the model's weights (only
+those whose preparation changes) and hands the model the op table to call.
+"""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import ops as ops_pkg
+from ops.registry import COMPOSED, OPS, OpTable, RegistryError, default_variant, get_variant, prepare_argument
 
 from .errors import TinyLLMError
 
-PRESETS = ("reference",)
+# Preset name -> {op: variant} on top of `reference`. Kernel modules add theirs with `register_preset`.
+PRESETS: dict[str, dict[str, str]] = {"reference": {}}
+# The default schedule is the first of these that is registered and available: the fastest exact (fp32) one.
+FASTEST_EXACT = ["fused", "numba", "reference"]
 
 
-def resolve_ops(spec=None):
-    """(spec name, op table) for a schedule spec; None means the default schedule."""
-    spec = spec or "reference"
-    if spec not in PRESETS:
-        raise TinyLLMError(f"unknown ops schedule {spec!r}; choose from: {', '.join(PRESETS)}")
-    return spec, ops_pkg.reference_table()
+class ScheduleError(TinyLLMError):
+    """An op schedule names an unknown op, variant or preset, an unavailable variant, or a conflict."""
+
+
+def register_preset(name: str, choice: dict[str, str], *, exact: bool = True) -> None:
+    """Add a preset (from a kernel module or a plugin). `exact`: fp32, a candidate for the default."""
+    if name in OPS:
+        raise ScheduleError(f"preset name {name!r} clashes with an op name")
+    PRESETS[name] = dict(choice)
+    if exact and name not in FASTEST_EXACT:
+        FASTEST_EXACT.insert(FASTEST_EXACT.index("reference"), name)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    spec: str  # exactly as the user gave it (JSON outputs name a schedule by this)
+    choice: dict  # every op name -> variant name
+
+    def table(self) -> OpTable:
+        return OpTable(self.choice)
+
+
+def default_spec() -> str:
+    """The fastest exact preset whose variants are all available here."""
+    for name in FASTEST_EXACT:
+        if name in PRESETS:
+            try:
+                _validate(_choice_from_items([name]))
+                return name
+            except ScheduleError:
+                continue
+    return "reference"
+
+
+def parse(spec=None) -> Schedule:
+    """A Schedule from a preset name, a spec string, a dict, a Schedule, or None (the default)."""
+    if isinstance(spec, Schedule):
+        return spec
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        spec = default_spec()
+    if isinstance(spec, dict):
+        items = [f"{k}={v}" for k, v in spec.items()]
+        text = ",".join(items)
+    elif isinstance(spec, str):
+        text = spec
+        items = [item.strip() for item in spec.split(",")]
+        if any(not item for item in items):
+            raise ScheduleError(f"empty item in ops spec {spec!r} (items are separated by single commas)")
+    else:
+        raise ScheduleError(f"an ops schedule is a string or a dict, not {type(spec).__name__}")
+    choice = _choice_from_items(items)
+    _validate(choice)
+    return Schedule(text, choice)
+
+
+def _choice_from_items(items: list[str]) -> dict[str, str]:
+    choice = {name: default_variant(name) for name in OPS}
+    for item in items:
+        if "=" in item:
+            op_name, _, var_name = (s.strip() for s in item.partition("="))
+            if op_name not in OPS:
+                raise ScheduleError(f"unknown op {op_name!r} in {item!r}; ops are: {', '.join(OPS)}")
+            try:
+                choice[op_name] = get_variant(op_name, var_name).name
+            except RegistryError as e:
+                raise ScheduleError(str(e)) from None
+        elif item in PRESETS:
+            choice.update(PRESETS[item])
+        else:
+            raise ScheduleError(f"unknown preset {item!r}; presets are: {', '.join(PRESETS)} "
+                                f"(or write op=variant)")
+    return choice
+
+
+def _validate(choice: dict[str, str]) -> None:
+    for op_name, var_name in choice.items():
+        v = get_variant(op_name, var_name)
+        if not v.available:
+            reason = f" ({v.unavailable_reason})" if v.unavailable_reason else ""
+            usable = [n for n, x in ops_pkg.VARIANTS[op_name].items() if x.available]
+            raise ScheduleError(f"{v.label} is not available on this machine{reason}; "
+                                f"available for {op_name}: {', '.join(usable)}")
+    # A fused composite reads its projections in one weight format; `linear` decides the format of all
+    # other projections. A mix would silently run part of the model in another precision: refuse it.
+    linear = get_variant("linear", choice["linear"])
+    for op_name, var_name in choice.items():
+        v, o = get_variant(op_name, var_name), OPS[op_name]
+        if o.projections and v.name != COMPOSED and v.weight_format != linear.weight_format:
+            same = [n for n, x in ops_pkg.VARIANTS[op_name].items() if x.weight_format in (linear.weight_format, "any")]
+            raise ScheduleError(
+                f"{v.label} reads {v.weight_format} weights but {linear.label} stores {linear.weight_format}: "
+                f"choose {op_name}={' or '.join(same)}, or a linear variant for {v.weight_format}")
+
+
+def apply(transformer, schedule: Schedule) -> None:
+    """Prepare the model's weights for `schedule` and give it the schedule's op table.
+
+    Each weight site keeps the raw float32 value it was loaded with; a site is prepared again only
+    when the variant that reads it (or, inside an unfused composite, the `linear` variant) changes.
+    """
+    linear = get_variant("linear", schedule.choice["linear"])
+    for site in transformer.weight_sites:
+        v = get_variant(site.op, schedule.choice[site.op])
+        key = (v.name, linear.name) if v.name == COMPOSED else (v.name,)
+        if site.key != key:
+            setattr(site.owner, site.attr, prepare_argument(site.op, v, linear, site.raw))
+            site.key = key
+    transformer.ops = schedule.table()
+
+
+def load_plugins(modules) -> list[str]:
+    """Import plugin modules (dotted names or .py file paths) so their variants and presets register."""
+    loaded = []
+    for spec in modules:
+        spec = spec.strip()
+        if not spec:
+            continue
+        try:
+            if spec.endswith(".py") or os.sep in spec:
+                path = Path(spec)
+                if not path.is_file():
+                    raise ScheduleError(f"plugin file {spec} does not exist")
+                name = f"tinyllm_plugin_{path.stem}"
+                if name not in sys.modules:
+                    module_spec = importlib.util.spec_from_file_location(name, path)
+                    module = importlib.util.module_from_spec(module_spec)
+                    sys.modules[name] = module
+                    try:
+                        module_spec.loader.exec_module(module)
+                    except BaseException:
+                        del sys.modules[name]
+                        raise
+            else:
+                importlib.import_module(spec)
+        except TinyLLMError:
+            raise
+        except RegistryError as e:
+            raise ScheduleError(f"plugin {spec}: {e}") from None
+        except Exception as e:  # a user's module may fail in any way: say which and why, in one line
+            raise ScheduleError(f"cannot load plugin {spec}: {type(e).__name__}: {e}") from None
+        loaded.append(spec)
+    return loaded
+
+
+def plugins_from_env() -> list[str]:
+    return [m for m in os.environ.get("TINYLLM_PLUGINS", "").split(",") if m.strip()]
