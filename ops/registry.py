@@ -155,6 +155,10 @@ class Variant:
     prepare: Callable | None = None  # weight -> prepared weight, once per schedule application
     weight_format: str = "fp32"  # linear: the format prepare produces; composites: the format read
     source: str = ""  # the module that registered it
+    rule: Rule | None = None  # its own comparison rule (a quantised variant's), else the op's
+
+    def comparison(self) -> Rule:
+        return self.rule or OPS[self.op].rule
 
     @property
     def label(self) -> str:
@@ -185,12 +189,14 @@ def op(name: str, *, rule: Rule, inputs=None, examples=None, weights=(), composi
 
 
 def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = True, unavailable_reason: str = "",
-            prepare: Callable | None = None, weight_format: str = "fp32", replace_existing: bool = False):
+            prepare: Callable | None = None, weight_format: str = "fp32", rule: Rule | None = None,
+            replace_existing: bool = False):
     """Register the decorated function as variant `name` of op `op_name`.
 
     It must take the same arguments as the op's reference and return the same result, up to the
     op's comparison rule; arguments listed as the op's `weights` arrive as `prepare` made them.
-    `available` (a bool or a callable) says whether it can run on this machine.
+    `available` (a bool or a callable) says whether it can run on this machine. `rule` replaces the
+    op's comparison rule for this variant (a quantised variant compares with a quantised reference).
     """
 
     def register(fn: Callable) -> Callable:
@@ -204,7 +210,7 @@ def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = T
         ok = available() if callable(available) else bool(available)
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         VARIANTS[op_name][name] = Variant(op_name, name, fn, doc, ok, unavailable_reason, prepare, weight_format,
-                                          fn.__module__)
+                                          fn.__module__, rule)
         return fn
 
     return register

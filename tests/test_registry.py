@@ -1,0 +1,201 @@
+"""The op registry, the scheduler and the equivalence harness."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ops
+import tinyllm
+from ops.check import check_variant
+from ops.registry import VARIANTS, variant
+from tinyllm import schedule
+from tinyllm.schedule import ScheduleError
+
+PLANTED = Path(__file__).parent / "plugins" / "planted_bugs.py"
+PLANTED_VARIANTS = ["rmsnorm=planted_no_eps", "rmsnorm=planted_wrong_axis", "attention=planted_no_causal_mask",
+                    "rope=planted_adjacent_pairs", "softmax=planted_no_max_subtraction",
+                    "linear=planted_drops_last_column"]
+
+
+# -- every registered variant computes its op: a new variant is tested without writing a test -----
+@pytest.mark.parametrize("op_name, var_name", [(o, v) for o in VARIANTS for v in VARIANTS[o]],
+                         ids=lambda x: x)
+def test_every_variant_matches_its_reference(op_name, var_name):
+    if not VARIANTS[op_name][var_name].available:
+        pytest.skip(f"{op_name}={var_name} is not available on this machine")
+    result = check_variant(op_name, var_name)
+    assert result.passed, result.line
+
+
+# -- the harness can fail ---------------------------------------------------------------------
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "tinyllm", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_check_catches_every_planted_bug_with_the_default_budget_and_seed():
+    r = run_cli("check", ",".join(PLANTED_VARIANTS), "--plugin", PLANTED)
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert [line.split(":")[0] for line in lines] == [f"FAIL {v}" for v in PLANTED_VARIANTS]
+    assert all(" on (" in line for line in lines)  # each names the failing example
+    assert "0 passed, 6 failed" in r.stdout
+
+
+@pytest.fixture
+def planted():
+    """The planted variants registered in this process, removed again afterwards."""
+    schedule.load_plugins([str(PLANTED)])
+    yield
+    for label in PLANTED_VARIANTS:
+        op_name, name = label.split("=")
+        VARIANTS[op_name].pop(name, None)
+    sys.modules.pop("tinyllm_plugin_planted_bugs", None)
+
+
+@pytest.mark.parametrize("label", PLANTED_VARIANTS)
+def test_generated_inputs_alone_catch_each_planted_bug(planted, monkeypatch, label):
+    # Without the explicit edge cases, the strategies still find every planted bug (default seed).
+    op_name, name = label.split("=")
+    monkeypatch.setattr(ops.OPS[op_name], "examples", lambda: [])
+    result = check_variant(op_name, name)
+    assert not result.passed and result.example
+
+
+def test_check_is_reproducible_and_writes_json(tmp_path):
+    out = tmp_path / "check.json"
+    a = run_cli("check", "rope=planted_adjacent_pairs", "--plugin", PLANTED, "--seed", "5", "--examples", "20")
+    b = run_cli("check", "rope=planted_adjacent_pairs", "--plugin", PLANTED, "--seed", "5", "--examples", "20",
+                "--json", out)
+    assert a.stdout == b.stdout and a.returncode == b.returncode == 1
+    data = json.loads(out.read_text())
+    assert data["results"][0]["op"] == "rope" and data["results"][0]["passed"] is False
+    assert data["seed"] == 5
+
+
+# -- the spec grammar ---------------------------------------------------------------------------
+@pytest.fixture
+def extra_variants():
+    """A few harmless variants to schedule: an exact copy of rmsnorm, an unavailable one, and an
+    'int8'-format linear (fp32 arithmetic, only its declared format differs)."""
+    made = []
+
+    def register(op_name, name, fn, **kw):
+        variant(op_name, name, **kw)(fn)
+        made.append((op_name, name))
+
+    register("rmsnorm", "copy", ops.norm.rmsnorm)
+    register("rmsnorm", "gpu", ops.norm.rmsnorm, available=False, unavailable_reason="no GPU here")
+    register("linear", "fake_int8", ops.linear.linear, weight_format="int8")
+    register("qkv_rope", "fake_fused", lambda x, w, cos, sin, eps: None, weight_format="fp32")
+    schedule.register_preset("copies", {"rmsnorm": "copy"})
+    yield
+    for op_name, name in made:
+        VARIANTS[op_name].pop(name)
+    schedule.PRESETS.pop("copies")
+    schedule.FASTEST_EXACT.remove("copies")
+
+
+def test_spec_items_apply_left_to_right_on_top_of_reference(extra_variants):
+    s = schedule.parse("copies,rmsnorm=reference")
+    assert s.spec == "copies,rmsnorm=reference" and s.choice["rmsnorm"] == "reference"
+    assert schedule.parse("rmsnorm=reference,copies").choice["rmsnorm"] == "copy"
+    assert schedule.parse({"rmsnorm": "copy"}).choice["rmsnorm"] == "copy"
+    ref = schedule.parse("reference").choice
+    assert all(v in ("reference", "composed") for v in ref.values()) and set(ref) == set(ops.OPS)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("turbo", "unknown preset 'turbo'; presets are: reference"),
+    ("rmsnorm=nope", "unknown variant rmsnorm=nope; rmsnorm has: reference"),
+    ("norm=copy", "unknown op 'norm'"),
+    ("reference,,copies", "empty item"),
+    ("rmsnorm=gpu", "rmsnorm=gpu is not available on this machine (no GPU here); available for rmsnorm:"),
+    ("linear=fake_int8,qkv_rope=fake_fused",
+     "qkv_rope=fake_fused reads fp32 weights but linear=fake_int8 stores int8: choose qkv_rope=composed"),
+])
+def test_bad_specs_are_one_line_errors_naming_the_valid_choices(extra_variants, spec, message):
+    with pytest.raises(ScheduleError) as err:
+        schedule.parse(spec)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_default_is_the_fastest_exact_preset_available(extra_variants):
+    # `copies` was registered as an exact preset, so it now comes before `reference`
+    assert schedule.default_spec() == "copies"
+
+
+# -- swapping at run time -------------------------------------------------------------------------
+@pytest.fixture
+def counting_variants():
+    calls = {"rmsnorm": 0, "prepare": 0}
+
+    def counting_rmsnorm(x, weight, eps):
+        calls["rmsnorm"] += 1
+        return ops.norm.rmsnorm(x, weight, eps)
+
+    def prepare_copy(w):
+        calls["prepare"] += 1
+        return np.array(w)  # a prepared copy; the variant below reads it like the reference
+
+    variant("rmsnorm", "counting")(counting_rmsnorm)
+    variant("linear", "prepared_copy", prepare=prepare_copy)(ops.linear.linear)
+    yield calls
+    VARIANTS["rmsnorm"].pop("counting")
+    VARIANTS["linear"].pop("prepared_copy")
+
+
+def test_swap_changes_which_code_runs_not_the_output(tiny_model_dir, counting_variants):
+    calls = counting_variants
+    model = tinyllm.load(tiny_model_dir, ops="reference")
+    ids = model.tokenizer.encode("swap me")
+    before = model.logits(ids)
+    text = model.generate("swap me", chat=False, max_new_tokens=6)
+
+    model.swap("rmsnorm", "counting")
+    after = model.logits(ids)
+    n_layers = model.config.n_layers
+    assert calls["rmsnorm"] == 2 * n_layers + 1  # qkv_rope and add_rmsnorm per layer, then norm_head
+    np.testing.assert_array_equal(after, before)
+    assert model.generate("swap me", chat=False, max_new_tokens=6) == text
+    assert calls["rmsnorm"] > 2 * n_layers + 1  # generation after the swap runs the new variant
+
+    model.swap("rmsnorm", "reference")
+    n = calls["rmsnorm"]
+    model.logits(ids)
+    assert calls["rmsnorm"] == n
+
+    # a linear variant with a prepare step: every projection is prepared once, on swap
+    model.swap("linear", "prepared_copy")
+    assert calls["prepare"] == n_layers * (3 + 1 + 3) + 1  # q,k,v; o; gate,up,down per layer; LM head
+    np.testing.assert_array_equal(model.logits(ids), before)
+    model.swap("attention", "reference")  # nothing that reads weights changed: nothing is prepared again
+    assert calls["prepare"] == n_layers * 7 + 1
+    assert model.schedule.spec == "reference,rmsnorm=counting,rmsnorm=reference,linear=prepared_copy," \
+                                  "attention=reference"
+
+
+def test_swap_to_an_unknown_variant_keeps_the_model_working(tiny_model_dir):
+    model = tinyllm.load(tiny_model_dir)
+    with pytest.raises(tinyllm.TinyLLMError, match="unknown variant"):
+        model.swap("linear", "warp")
+    assert model.logits([1, 2, 3]).shape[0] == 3
+
+
+# -- plugins and the CLI ------------------------------------------------------------------------
+def test_plugins_from_the_environment_and_ops_table(tmp_path):
+    import os
+
+    env = {**os.environ, "TINYLLM_PLUGINS": str(PLANTED)}
+    r = run_cli("ops", "--ops", "rope=planted_adjacent_pairs", env=env)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("rope "))
+    assert "*planted_adjacent_pairs" in row and " reference" in row
+    bad = run_cli("ops", "--plugin", tmp_path / "missing.py")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: plugin file") and len(bad.stderr.splitlines()) == 1
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    bad = run_cli("ops", "--plugin", tmp_path / "broken.py")
+    assert bad.returncode == 2 and "RuntimeError: boom" in bad.stderr

@@ -1,0 +1,26 @@
+"""Writing a user's files safely: to a temporary name beside the target, then renamed over it, so an
+interrupted write never leaves a half-written or truncated file."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import TinyLLMError
+
+
+def write_text_atomic(path, text: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise TinyLLMError(f"{path} is a directory, not a file to write")
+    if not path.parent.is_dir():
+        raise TinyLLMError(f"cannot write {path}: directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
