@@ -156,6 +156,8 @@ class Variant:
     weight_format: str = "fp32"  # linear: the format prepare produces; composites: the format read
     source: str = ""  # the module that registered it
     rule: Rule | None = None  # its own comparison rule (a quantised variant's), else the op's
+    reference: Callable | None = None  # its own reference over the *prepared* weights (dequantise, then the
+    #                                    float op), else the op's reference over the raw ones
 
     def comparison(self) -> Rule:
         return self.rule or OPS[self.op].rule
@@ -190,13 +192,15 @@ def op(name: str, *, rule: Rule, inputs=None, examples=None, weights=(), composi
 
 def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = True, unavailable_reason: str = "",
             prepare: Callable | None = None, weight_format: str = "fp32", rule: Rule | None = None,
-            replace_existing: bool = False):
+            reference: Callable | None = None, replace_existing: bool = False):
     """Register the decorated function as variant `name` of op `op_name`.
 
     It must take the same arguments as the op's reference and return the same result, up to the
     op's comparison rule; arguments listed as the op's `weights` arrive as `prepare` made them.
     `available` (a bool or a callable) says whether it can run on this machine. `rule` replaces the
-    op's comparison rule for this variant (a quantised variant compares with a quantised reference).
+    op's comparison rule for this variant, and `reference` the function it is compared with: a
+    quantised variant is compared with a quantised reference (dequantise its prepared weights, then
+    the float op), bit-exact where the arithmetic is integer.
     """
 
     def register(fn: Callable) -> Callable:
@@ -210,7 +214,7 @@ def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = T
         ok = available() if callable(available) else bool(available)
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         VARIANTS[op_name][name] = Variant(op_name, name, fn, doc, ok, unavailable_reason, prepare, weight_format,
-                                          fn.__module__, rule)
+                                          fn.__module__, rule, reference)
         return fn
 
     return register

@@ -199,3 +199,21 @@ def test_plugins_from_the_environment_and_ops_table(tmp_path):
     (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
     bad = run_cli("ops", "--plugin", tmp_path / "broken.py")
     assert bad.returncode == 2 and "RuntimeError: boom" in bad.stderr
+
+
+def test_a_variant_with_its_own_quantised_reference_is_judged_against_it():
+    # A linear whose prepare rounds weights to multiples of 1/8: far from the fp32 reference, but exactly
+    # what its own reference (the float op on the prepared weights) computes.
+    from ops.registry import EXACT
+
+    def round_weights(w):
+        return np.round(w * 8) / 8
+
+    variant("linear", "eighths", prepare=round_weights, reference=ops.linear.linear, rule=EXACT)(ops.linear.linear)
+    variant("linear", "eighths_unjudged", prepare=round_weights)(ops.linear.linear)
+    try:
+        assert check_variant("linear", "eighths").passed
+        assert not check_variant("linear", "eighths_unjudged").passed  # against fp32, the rounding shows
+    finally:
+        VARIANTS["linear"].pop("eighths")
+        VARIANTS["linear"].pop("eighths_unjudged")
