@@ -68,7 +68,7 @@ def check_variant(op_name: str, variant_name: str, *, max_examples: int = 100, s
         except Exception as e:  # a variant that crashes fails the check, it does not stop it
             error = f"raised {type(e).__name__}: {e}"
         else:
-            error = v.comparison().compare(out, expected)
+            error = v.comparison().compare(out, expected, args)
         if error:
             seen["last_failure"] = (error, describe_args(args))
             raise _Mismatch(error)

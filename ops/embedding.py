@@ -21,3 +21,22 @@ def _inputs():
 def embedding(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """x[t] = table[ids[t]]   table (V, D), ids (T,) -> (T, D)"""
     return table[ids]
+
+
+# ---------------------------------------------------------------------------------- numba variant
+
+from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit  # noqa: E402
+from .registry import variant  # noqa: E402
+
+
+@njit
+def gather_rows(table, ids, out):
+    for t in range(ids.shape[0]):
+        out[t, :] = table[ids[t], :]
+
+
+@variant("embedding", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+def embedding_numba(table, ids):
+    out = np.empty((ids.shape[0], table.shape[1]), dtype=table.dtype)
+    gather_rows(table, ids, out)
+    return out

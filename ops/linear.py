@@ -28,8 +28,15 @@ def _linear_examples():
              rng.standard_normal(48).astype(np.float32))]
 
 
+def linear_terms(x, weight, bias=None) -> float:
+    """The size of the terms a projection sums: max over outputs of sum_k |x_k w_jk| (+ |b_j|)."""
+    terms = np.abs(x) @ np.abs(weight).T
+    return float(np.max(terms + (0 if bias is None else np.abs(bias)), initial=0.0))
+
+
 @op("linear", rule=close(1e-5, "dot products of length K summed in another order (blocked, SIMD) differ by "
-                         "~sqrt(K)·2^-24 of their magnitude; 1e-5 leaves room for K in the thousands"),
+                         "~sqrt(K)·2^-24 of the summed terms; 1e-5 leaves room for K in the thousands",
+                         linear_terms, "Σ|x·w|"),
     inputs=_linear_inputs, examples=_linear_examples, weights=(1,))
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """y = x @ W^T (+ b)   x (T, in), weight (out, in), bias (out,) -> (T, out)"""
@@ -51,8 +58,87 @@ def _norm_head_inputs():
     return args()
 
 
-@op("norm_head", rule=close(1e-5, "rmsnorm then a dot product of length D, as linear"),
+def _norm_head_terms(x, w, eps) -> float:
+    from .norm import rmsnorm
+
+    return linear_terms(rmsnorm(x, w.norm, eps), w.weight)
+
+
+@op("norm_head", rule=close(1e-5, "rmsnorm then a dot product of length D, as linear", _norm_head_terms, "Σ|h·w|"),
     inputs=_norm_head_inputs, composite=("rmsnorm", "linear"), weights=(1,), projections=("weight",))
 def norm_head(ops, x, w, eps):
     """Logits from the last hidden states: linear(rmsnorm(x, w.norm), w.weight)   (T, D) -> (T, V)"""
     return ops.linear(ops.rmsnorm(x, w.norm, eps), w.weight)
+
+
+# ---------------------------------------------------------------------------------- numba variants
+#
+# At batch 1 (decode) a projection is a matrix-vector product: every weight is read once and used
+# once, so its speed is the speed of streaming W from memory. The kernel below reads each weight row
+# exactly once, for all T input rows at a time, with one thread per block of output rows.
+# With many rows (prefill) the product is compute-bound instead, and BLAS's blocked GEMM is the
+# right tool: we hand it over above SMALL_T rows.
+
+from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
+from .registry import variant  # noqa: E402
+
+SMALL_T = 4  # up to this many rows, one pass over W beats BLAS's GEMM set-up; above it, BLAS wins
+
+
+@njit(parallel=True)
+def matvec_rows(x, w, out):
+    """out[t, j] = sum_k x[t, k] * w[j, k]: each row of W is read once, for every row of x."""
+    T, K = x.shape
+    for j in prange(w.shape[0]):
+        for t in range(T):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += x[t, k] * w[j, k]
+            out[t, j] = acc
+
+
+def linear_streaming(x, weight, bias=None):
+    """linear: a Numba matrix-vector kernel for a few rows, BLAS GEMM for many."""
+    if x.shape[0] > SMALL_T:
+        return linear(x, weight, bias)
+    out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+    matvec_rows(x, weight, out)
+    if bias is not None:
+        out += bias
+    return out
+
+
+variant("linear", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)(linear_streaming)
+
+
+@njit(parallel=True)
+def rmsnorm_matvec(x, norm, eps, w, out):
+    """out[t, j] = sum_k (x[t, k] * inv_rms[t] * norm[k]) * w[j, k]: the norm folded into the product."""
+    T, K = x.shape
+    h = np.empty((T, K), dtype=np.float32)  # T normalised rows: a few KB, stays in cache
+    for t in range(T):
+        ss = np.float32(0.0)
+        for k in range(K):
+            ss += x[t, k] * x[t, k]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(K) + eps)
+        for k in range(K):
+            h[t, k] = x[t, k] * inv * norm[k]
+    for j in prange(w.shape[0]):
+        for t in range(T):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += h[t, k] * w[j, k]
+            out[t, j] = acc
+
+
+@variant("norm_head", "fused", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+def norm_head_fused(x, w, eps):
+    """Final rmsnorm and LM head in one kernel for a few rows (the head is the largest matrix: 113 MB
+    for the default model, one pass); BLAS for many rows."""
+    if x.shape[0] > SMALL_T:
+        from .norm import rmsnorm
+
+        return linear(rmsnorm(x, w.norm, eps), w.weight)
+    out = np.empty((x.shape[0], w.weight.shape[0]), dtype=np.float32)
+    rmsnorm_matvec(x, w.norm, np.float32(eps), w.weight, out)
+    return out

@@ -1,6 +1,7 @@
 """The SwiGLU feed-forward block (Shazeer, 2020): silu, the gated product, and the whole MLP."""
 import numpy as np
 
+from .linear import linear_terms
 from .registry import Weights, close, op, random_array
 
 SCALES = (1.0, 1e-3, 10.0, 100.0)  # ±100: exp(-x) overflows float32 for x < -88
@@ -52,9 +53,87 @@ def _swiglu_mlp_inputs():
     return args()
 
 
-@op("swiglu_mlp", rule=close(1e-5, "two projections, the gate, one projection: each within 1e-5"),
+def _swiglu_mlp_terms(h, w) -> float:
+    """Bound the terms of each sum: |silu(g)| <= silu(|g|) and |g| <= |h| @ |Wg|^T, likewise for up."""
+    g, u = np.abs(h) @ np.abs(w.gate).T, np.abs(h) @ np.abs(w.up).T
+    return linear_terms(silu(g) * u, w.down)
+
+
+@op("swiglu_mlp", rule=close(1e-5, "two projections, the gate, one projection: each within 1e-5 of its terms",
+                             _swiglu_mlp_terms, "Σ|a·w|"),
     inputs=_swiglu_mlp_inputs, composite=("linear", "swiglu"), weights=(1,),
     projections=("gate", "up", "down"))
 def swiglu_mlp(ops, h, w):
     """The feed-forward block: (silu(h Wgate) * (h Wup)) Wdown   (T, D) -> (T, D)"""
     return ops.linear(ops.swiglu(ops.linear(h, w.gate), ops.linear(h, w.up)), w.down)
+
+
+# ---------------------------------------------------------------------------------- numba variants
+
+from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
+from .linear import SMALL_T, linear, matvec_rows  # noqa: E402,I001
+from .registry import variant  # noqa: E402
+
+NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+
+
+@njit
+def silu_scalar(v):
+    # 1 + exp(-v) is inf for v < -88: v / inf = -0.0, the right limit (no NaN, so no special case)
+    return v / (np.float32(1.0) + np.exp(-v))
+
+
+@njit
+def silu_rows(x, out):
+    for t in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            out[t, i] = silu_scalar(x[t, i])
+
+
+@variant("silu", "numba", **NUMBA)
+def silu_numba(x):
+    out = np.empty_like(x)
+    silu_rows(x, out)
+    return out
+
+
+@njit
+def swiglu_rows(gate, up, out):
+    for t in range(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            out[t, i] = silu_scalar(gate[t, i]) * up[t, i]
+
+
+@variant("swiglu", "numba", **NUMBA)
+def swiglu_numba(gate, up):
+    out = np.empty_like(gate)
+    swiglu_rows(gate, up, out)
+    return out
+
+
+@njit(parallel=True)
+def gate_up_rows(h, w_gate, w_up, out):
+    """out[t, j] = silu(h[t]·w_gate[j]) * (h[t]·w_up[j]): both projections and the gate in one pass,
+    so the (T, F) gate and up activations are never written to memory and read back."""
+    T, D = h.shape
+    for j in prange(w_gate.shape[0]):
+        for t in range(T):
+            g = np.float32(0.0)
+            u = np.float32(0.0)
+            for k in range(D):
+                g += h[t, k] * w_gate[j, k]
+                u += h[t, k] * w_up[j, k]
+            out[t, j] = silu_scalar(g) * u
+
+
+@variant("swiglu_mlp", "fused", **NUMBA)
+def swiglu_mlp_fused(h, w):
+    """The SwiGLU MLP as two kernels for a few rows (gate·up·silu fused, then down); for many rows
+    BLAS does the three matmuls and a Numba kernel the gate."""
+    if h.shape[0] > SMALL_T:
+        return linear(swiglu_numba(linear(h, w.gate), linear(h, w.up)), w.down)
+    a = np.empty((h.shape[0], w.gate.shape[0]), dtype=np.float32)
+    gate_up_rows(h, w.gate, w.up, a)
+    out = np.empty((h.shape[0], w.down.shape[0]), dtype=np.float32)
+    matvec_rows(a, w.down, out)
+    return out

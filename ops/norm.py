@@ -81,3 +81,68 @@ def add_rmsnorm(ops, x, y, weight, eps):
     """The residual add, then the next sublayer's norm: s = x + y, (s, rmsnorm(s))   -> (T, D), (T, D)"""
     s = ops.add(x, y)
     return s, ops.rmsnorm(s, weight, eps)
+
+
+# ---------------------------------------------------------------------------------- numba variants
+
+from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit  # noqa: E402
+from .registry import variant  # noqa: E402
+
+NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+
+
+@njit
+def rmsnorm_rows(x, weight, eps, out):
+    """One pass for the sum of squares of a row, one to scale it: out = x * (1/rms) * weight."""
+    T, D = x.shape
+    for t in range(T):
+        ss = np.float32(0.0)
+        for i in range(D):
+            ss += x[t, i] * x[t, i]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(D) + eps)
+        for i in range(D):
+            out[t, i] = x[t, i] * inv * weight[i]
+
+
+@variant("rmsnorm", "numba", **NUMBA)
+def rmsnorm_numba(x, weight, eps):
+    out = np.empty_like(x)
+    rmsnorm_rows(x, weight, np.float32(eps), out)
+    return out
+
+
+@njit
+def add_rows(x, y, out):
+    for t in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            out[t, i] = x[t, i] + y[t, i]
+
+
+@variant("add", "numba", **NUMBA)
+def add_numba(x, y):
+    out = np.empty_like(x)
+    add_rows(x, y, out)
+    return out
+
+
+@njit
+def add_rmsnorm_rows(x, y, weight, eps, s, h):
+    """s = x + y and h = rmsnorm(s) with s read back from cache, not from memory: one kernel, one
+    Python call instead of two, and no separate pass over s."""
+    T, D = x.shape
+    for t in range(T):
+        ss = np.float32(0.0)
+        for i in range(D):
+            v = x[t, i] + y[t, i]
+            s[t, i] = v
+            ss += v * v
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(D) + eps)
+        for i in range(D):
+            h[t, i] = s[t, i] * inv * weight[i]
+
+
+@variant("add_rmsnorm", "fused", **NUMBA)
+def add_rmsnorm_fused(x, y, weight, eps):
+    s, h = np.empty_like(x), np.empty_like(x)
+    add_rmsnorm_rows(x, y, weight, np.float32(eps), s, h)
+    return s, h

@@ -42,28 +42,36 @@ class Rule:
     """How a variant's output is compared with the reference output.
 
     `exact`: equal, bit for bit (copies, integer results, a single rounding done the same way).
-    otherwise: max|out - ref| <= tol * max|ref| elementwise over each output array, the error
-    measured against the largest reference magnitude (as logits are judged). NaN or inf where the
-    reference has a finite value always fails. `why` justifies the bound.
+    otherwise: max|out - ref| <= tol * scale over each output array, where scale is the largest
+    reference magnitude (as logits are judged) or, for ops that sum products, the larger of that and
+    `magnitude(*args)`: the size of the terms being summed (e.g. max of |x| @ |W|^T). Floating-point
+    error is proportional to the terms, not to a result that cancels to near zero, so that is the
+    honest yardstick: a dot product whose terms cancel is as uncertain in the reference as in any
+    variant. NaN or inf where the reference has a finite value always fails. `why` justifies the bound.
     """
 
     tol: float = 0.0
     why: str = ""
+    magnitude: Callable | None = None  # args -> float: the scale of the summed terms
+    magnitude_label: str = ""
 
     @property
     def exact(self) -> bool:
         return self.tol == 0.0
 
     def __str__(self) -> str:
-        return "exact" if self.exact else f"max|Δ| ≤ {self.tol:g}·max|ref|"
+        if self.exact:
+            return "exact"
+        scale = f"max(|ref|, {self.magnitude_label})" if self.magnitude else "max|ref|"
+        return f"max|Δ| ≤ {self.tol:g}·{scale}"
 
-    def compare(self, out, ref) -> str | None:
-        """None if `out` passes against `ref`, else a description of the observed error."""
+    def compare(self, out, ref, args: tuple = ()) -> str | None:
+        """None if `out` passes against `ref` (computed from `args`), else the observed error."""
         if isinstance(ref, tuple):
             if not isinstance(out, tuple) or len(out) != len(ref):
                 return f"returned {type(out).__name__} of {_len(out)} items, expected a tuple of {len(ref)}"
             for i, (o, r) in enumerate(zip(out, ref)):
-                err = self.compare(o, r)
+                err = self.compare(o, r, args)
                 if err:
                     return f"output {i}: {err}"
             return None
@@ -85,10 +93,15 @@ class Rule:
         if not finite.any():
             return None
         scale = float(np.max(np.abs(ref[finite])))
+        what = "max|ref|"
+        if self.magnitude is not None and args:
+            terms = float(self.magnitude(*args))
+            if terms > scale:
+                scale, what = terms, self.magnitude_label
         err = float(np.max(np.abs(out[finite].astype(np.float64) - ref[finite])))
         if err <= self.tol * scale or err == 0.0:
             return None
-        return f"max|Δ| = {err:.3g} = {err / scale if scale else float('inf'):.3g}·max|ref| > {self.tol:g}·max|ref|"
+        return f"max|Δ| = {err:.3g} = {err / scale if scale else float('inf'):.3g}·{what} > {self.tol:g}·{what}"
 
 
 def _len(x):
@@ -101,8 +114,8 @@ def _len(x):
 EXACT = Rule(0.0, "")
 
 
-def close(tol: float, why: str) -> Rule:
-    return Rule(tol, why)
+def close(tol: float, why: str, magnitude: Callable | None = None, label: str = "") -> Rule:
+    return Rule(tol, why, magnitude, label)
 
 
 # ---------------------------------------------------------------------------------- weights

@@ -64,3 +64,23 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: 
     cdf = np.cumsum(p)
     i = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(order) - 1)
     return int(order[i])
+
+
+# ---------------------------------------------------------------------------------- numba variant
+
+from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit  # noqa: E402
+from .registry import variant  # noqa: E402
+
+
+@njit
+def first_max(x):
+    best, i_best = x[0], 0
+    for i in range(1, x.shape[0]):
+        if x[i] > best:  # strictly greater: a tie keeps the lower id, as np.argmax does
+            best, i_best = x[i], i
+    return i_best
+
+
+@variant("argmax", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+def argmax_numba(logits):
+    return int(first_max(logits))

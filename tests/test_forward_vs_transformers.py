@@ -1,13 +1,16 @@
 """Our NumPy forward pass against Hugging Face transformers (the independent oracle) on tiny random
 Llama models: prefill logits, and step-by-step decode with the KV cache."""
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import build_tiny_llama, relative_error
+from tinyllm import schedule
 from tinyllm.model import Transformer
-import ops
+
+SCHEDULES = ["reference", "numba", "fused"]  # every preset must match the oracle, not just the reference
 
 TOL = 1e-4  # float32 through a few layers; observed ~1e-6, a real bug (mask, RoPE, GQA) gives > 1e-2
 
@@ -31,16 +34,18 @@ def llama_configs(draw):
     )
 
 
+@pytest.mark.parametrize("spec", SCHEDULES)
 @settings(max_examples=25)
 @given(cfg=llama_configs(), n_tokens=st.integers(1, 40), data=st.data())
-def test_prefill_and_cached_decode_match_transformers(tmp_path_factory, cfg, n_tokens, data):
+def test_prefill_and_cached_decode_match_transformers(tmp_path_factory, spec, cfg, n_tokens, data):
     path = tmp_path_factory.mktemp("tiny")
     oracle = build_tiny_llama(path, **cfg)
     ids = data.draw(st.lists(st.integers(0, cfg["vocab"] - 1), min_size=n_tokens, max_size=n_tokens))
     with torch.no_grad():
         ref = oracle(torch.tensor([ids])).logits[0].numpy()
 
-    model = Transformer.from_dir(path, ops.reference_table())
+    model = Transformer.from_dir(path)
+    schedule.apply(model, schedule.parse(spec))
     full = model.forward(ids)
     assert full.dtype == np.float32 and full.shape == ref.shape
     assert relative_error(full, ref) < TOL
@@ -55,7 +60,7 @@ def test_prefill_and_cached_decode_match_transformers(tmp_path_factory, cfg, n_t
 
 def test_last_only_logits_equal_last_row(tmp_path):
     build_tiny_llama(tmp_path)
-    model = Transformer.from_dir(tmp_path, ops.reference_table())
+    model = Transformer.from_dir(tmp_path)
     ids = [5, 9, 3, 7]
     last, full = model.forward(ids, last_only=True), model.forward(ids)
     assert last.shape == (1, full.shape[1])

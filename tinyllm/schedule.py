@@ -25,8 +25,19 @@ from ops.registry import COMPOSED, OPS, OpTable, RegistryError, default_variant,
 
 from .errors import TinyLLMError
 
-# Preset name -> {op: variant} on top of `reference`. Kernel modules add theirs with `register_preset`.
-PRESETS: dict[str, dict[str, str]] = {"reference": {}}
+
+
+def _kernel_presets() -> dict[str, dict[str, str]]:
+    """`numba`: every primitive op that has a Numba variant runs it (composites composed of them).
+    `fused`: that, plus every composite's fused kernel. Built from what is registered, so both are
+    consistent by construction (all fp32)."""
+    numba = {name: "numba" for name, o in OPS.items() if not o.is_composite and "numba" in ops_pkg.VARIANTS[name]}
+    fused = {name: "fused" for name, o in OPS.items() if o.is_composite and "fused" in ops_pkg.VARIANTS[name]}
+    return {"numba": numba, "fused": {**numba, **fused}}
+
+
+# Preset name -> {op: variant} on top of `reference`. Plugins may add theirs with `register_preset`.
+PRESETS: dict[str, dict[str, str]] = {"reference": {}, **_kernel_presets()}
 # The default schedule is the first of these that is registered and available: the fastest exact (fp32) one.
 FASTEST_EXACT = ["fused", "numba", "reference"]
 

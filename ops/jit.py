@@ -1,0 +1,53 @@
+"""How our Numba kernels are compiled: one place for the flags every kernel shares.
+
+- `cache=True`: compiled machine code is kept on disk, so a second start does not compile again.
+  Numba writes its cache beside the source file (`__pycache__`); where that is read-only (a
+  non-editable install in a system site-packages), we point NUMBA_CACHE_DIR at the user cache.
+- fastmath: only the flags that keep NaN and Inf meaning what they mean. `reassoc` lets sums be
+  vectorised (reordered, hence the ~1e-5 tolerances), `contract` allows fused multiply-add, `arcp`
+  and `afn` allow reciprocal and approximate-libm rewrites; `nnan`/`ninf` (in `fastmath=True`) are
+  left out, because with them the compiler may assume no NaN/Inf exists and drop our handling of
+  them (an all-masked row, an overflowing exp).
+- Threads: Numba's `prange` uses NUMBA_NUM_THREADS workers (default: the cores); `parallel=True` is
+  used only where a kernel moves enough memory to pay for waking them (a few microseconds per launch).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FASTMATH = {"reassoc", "contract", "arcp", "afn", "nsz"}
+
+
+def _ensure_writable_cache() -> None:
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    here = Path(__file__).resolve().parent
+    if not os.access(here, os.W_OK):
+        cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tinyllm" / "numba"
+        cache.mkdir(parents=True, exist_ok=True)
+        os.environ["NUMBA_CACHE_DIR"] = str(cache)
+
+
+try:
+    _ensure_writable_cache()
+    import numba
+
+    NUMBA_AVAILABLE, NUMBA_MISSING = True, ""
+except Exception as e:  # numba is a dependency, but a broken llvmlite must not break the reference path
+    numba = None
+    NUMBA_AVAILABLE, NUMBA_MISSING = False, f"numba cannot be imported: {e}"
+
+
+def njit(*args, parallel: bool = False, **kwargs):
+    """numba.njit with our cache and fastmath settings (a no-op decorator if numba is missing)."""
+    if not NUMBA_AVAILABLE:
+        return (lambda f: f) if not args or not callable(args[0]) else args[0]
+    options = dict(cache=True, fastmath=FASTMATH, parallel=parallel, nogil=True, **kwargs)
+    if args and callable(args[0]):
+        return numba.njit(**options)(args[0])
+    return numba.njit(*args, **options)
+
+
+# numba recognises its own prange object inside a kernel, so this must be that object, not a wrapper.
+prange = numba.prange if NUMBA_AVAILABLE else range
