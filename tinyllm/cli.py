@@ -100,6 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, metavar="S", help="Hypothesis seed (default 0)")
     c.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     c.set_defaults(run=cmd_check)
+
+    b = sub.add_parser(
+        "bench", help="measure prefill, decode, time to first token and memory of schedules", parents=[plugin],
+        description="Benchmark schedules side by side: each in its own process, rounds alternating between them "
+        "(A B A B ...) after a warm-up, reporting the median (min-max) of prefill tokens/s on a 128-token prompt, "
+        "decode tokens/s over 128 new tokens (greedy, batch 1, EOS ignored), time to first token, load time, and "
+        "memory: weights = RSS after loading and preparing minus RSS after imports; peak = the process's peak RSS.")
+    _add_model_args(b, ops=False)
+    b.add_argument("--ops", action="append", metavar="SPEC",
+                   help="a schedule to measure (repeatable; default: every preset). " + SPEC_HELP)
+    b.add_argument("--rounds", type=int, default=3, metavar="N", help="timed runs per schedule (default 3)")
+    b.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default 128)")
+    b.add_argument("--new-tokens", type=int, default=128, metavar="N", help="tokens to decode (default 128)")
+    b.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="BLAS and Numba threads in each run (default: their own defaults, all cores)")
+    b.add_argument("--profile", action="store_true", help="also print a per-op time breakdown of a decode step")
+    b.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    b.set_defaults(run=cmd_bench)
     return parser
 
 
@@ -108,10 +126,11 @@ SPEC_HELP = ("which variant runs for each op: a preset (reference, ...) or op=va
              "default: the fastest exact preset available")
 
 
-def _add_model_args(p):
+def _add_model_args(p, ops=True):
     p.add_argument("--model", metavar="PATH",
                    help="a Hugging Face-layout Llama model directory (default: the default model, pulled if missing)")
-    p.add_argument("--ops", metavar="SPEC", default=None, help=SPEC_HELP)
+    if ops:
+        p.add_argument("--ops", metavar="SPEC", default=None, help=SPEC_HELP)
 
 
 def cmd_generate(args) -> int:
@@ -198,6 +217,43 @@ def cmd_check(args) -> int:
             "results": [{"op": r.op, "variant": r.variant, "passed": r.passed, "examples": r.examples,
                          "error": r.error, "example": r.example} for r in results]}, indent=2) + "\n")
     return 1 if failed else 0
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from . import bench
+    from .files import write_text_atomic
+    from .pull import default_model_dir, is_model_dir, pull
+    from .schedule import PRESETS, parse
+
+    for name, value in [("--rounds", args.rounds), ("--prompt-tokens", args.prompt_tokens),
+                        ("--new-tokens", args.new_tokens), ("--threads", args.threads or 1)]:
+        if value < 1:
+            raise TinyLLMError(f"{name} must be at least 1, got {value}")
+    specs = args.ops or list(PRESETS)
+    for spec in specs:
+        parse(spec)  # a bad spec fails here, in one line, before any child starts
+    model = args.model
+    if model is None and not is_model_dir(default_model_dir()):
+        model = str(pull())
+    plugins = (args.plugin or [])
+    engines = [bench.tinyllm_engine(s, model, args.prompt_tokens, args.new_tokens, plugins) for s in specs]
+    bench.run(engines, rounds=args.rounds, threads=args.threads, profile=args.profile,
+              log=lambda m: print(m, file=sys.stderr))
+    info = bench.machine_info(args.threads)
+    print(f"{info['cpu']}, {info['cores']} cores, threads {args.threads or 'default'}, python {info['python']}, "
+          f"numpy {info['numpy']}, numba {info['numba']}, BLAS {info['blas']}")
+    print(f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, median (min-max) of {args.rounds} "
+          f"rounds\n")
+    print(bench.format_table(engines))
+    if args.profile:
+        for e in engines:
+            print("\n" + bench.format_profile(e))
+    if args.json:
+        write_text_atomic(args.json, json.dumps({"machine": info, "results": [bench.summary(e) for e in engines]},
+                                                indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

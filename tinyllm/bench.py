@@ -1,0 +1,312 @@
+"""`python -m tinyllm bench`: speed and memory of schedules, measured side by side.
+
+Each engine (a tinyllm schedule, or another engine such as transformers, see benchmarks/) runs in a
+child process of its own, because peak memory only grows within a process and one engine's JIT or
+allocator state must not tax another. The parent alternates rounds between the children
+(A B A B ...) so that drift of a noisy machine hits all of them alike, and reports the median with
+min and max. The children speak a line protocol on stdin/stdout, one JSON object per line:
+
+    parent -> child: {"cmd": "run"}         child -> parent: {"prefill_tok_s", "decode_tok_s", "ttft_s"}
+    parent -> child: {"cmd": "profile"}     child -> parent: {"profile": [...]}
+    parent -> child: {"cmd": "stats"}       child -> parent: {"peak_rss_mib"}
+and on start-up the child sends {"ready": true, "load_s", "weights_rss_mib"} once it is loaded and warmed up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .errors import TinyLLMError
+
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+# ---------------------------------------------------------------------------------- shared helpers
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now (Linux /proc; elsewhere the peak, the best we can do)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def bench_prompt(tokenizer_encode, n_tokens: int) -> list[int]:
+    """A fixed English prompt: the standard library's pydoc topics text (ships with every Python),
+    tokenized and cut to `n_tokens`."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = tokenizer_encode(text[: n_tokens * 12])
+    if len(ids) < n_tokens:
+        raise TinyLLMError(f"the benchmark text gives only {len(ids)} tokens")
+    return ids[:n_tokens]
+
+
+def machine_info(threads: int | None) -> dict:
+    import numpy as np
+
+    try:
+        import numba
+
+        numba_version = numba.__version__
+    except ImportError:
+        numba_version = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        blas = np.__config__.CONFIG["Build Dependencies"]["blas"]
+        blas = f"{blas['name']} {blas.get('version', '')}".strip()
+    except (AttributeError, KeyError, TypeError):
+        blas = "unknown"
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "numpy": np.__version__, "numba": numba_version, "blas": blas}
+
+
+# ---------------------------------------------------------------------------------- the child
+
+
+def worker(model_path: str | None, spec: str, prompt_tokens: int, new_tokens: int, plugins: list[str]) -> None:
+    """Load the model with schedule `spec`, warm up, then answer the parent's commands."""
+    rss_imports = rss_mib()
+    t0 = time.perf_counter()
+    import tinyllm
+    from tinyllm.schedule import load_plugins
+
+    load_plugins(plugins)
+    rss_imports = max(rss_imports, rss_mib())
+    model = tinyllm.load(model_path, ops=spec, progress=False)
+    load_s = time.perf_counter() - t0
+    model.stop_ids = set()  # EOS ignored: every round decodes exactly `new_tokens`
+    prompt = bench_prompt(model.tokenizer.encode, prompt_tokens)
+
+    def one_run():
+        for _ in model.generate_ids(prompt, max_new_tokens=new_tokens):
+            pass
+        s = model.last_stats
+        return {"prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s, "ttft_s": s.ttft_s}
+
+    # Warm-up: JIT compilation (or loading it from the cache) and first touches of the weights.
+    for _ in model.generate_ids(prompt, max_new_tokens=8):
+        pass
+    weights_rss = rss_mib() - rss_imports
+    _send({"ready": True, "load_s": load_s, "weights_rss_mib": weights_rss})
+    for line in sys.stdin:
+        cmd = json.loads(line)["cmd"]
+        if cmd == "run":
+            _send(one_run())
+        elif cmd == "profile":
+            _send({"profile": profile_decode(model, prompt, steps=min(new_tokens, 32))})
+        elif cmd == "stats":
+            _send({"peak_rss_mib": peak_rss_mib()})
+        elif cmd == "quit":
+            return
+
+
+def _send(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def profile_decode(model, prompt: list[int], steps: int) -> list[dict]:
+    """Where a decode step's time goes: each op's *exclusive* time (a composed composite's rows do
+    not include its steps, which are rows of their own), per step, and the rest of the model's code."""
+    import numpy as np
+
+    t = model.transformer
+    table = t.ops
+    totals: dict[str, list] = {}  # op -> [calls, seconds]
+    stack: list[float] = [0.0]  # time spent in nested op calls, per open call
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            stack.append(0.0)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                nested = stack.pop()
+                stack[-1] += elapsed
+                entry = totals.setdefault(name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += elapsed - nested
+
+        return wrapper
+
+    originals = {name: getattr(table, name) for name in table.choice}
+    for name, fn in originals.items():
+        setattr(table, name, timed(name, fn))
+    try:
+        cache = t.new_cache(len(prompt) + steps + 1)
+        token = int(np.argmax(t.forward(prompt, 0, cache, last_only=True)[-1]))
+        totals.clear()
+        start = time.perf_counter()
+        for i in range(steps):
+            token = table.argmax(t.forward([token], len(prompt) + i, cache)[0])
+        step_s = (time.perf_counter() - start) / steps
+    finally:
+        for name, fn in originals.items():
+            setattr(table, name, fn)
+    rows = [{"op": name, "variant": table.choice[name], "calls": calls // steps, "ms": secs / steps * 1e3,
+             "pct": 100 * secs / steps / step_s} for name, (calls, secs) in totals.items()]
+    rows.sort(key=lambda r: -r["ms"])
+    other = step_s * 1e3 - sum(r["ms"] for r in rows)
+    rows.append({"op": "(model code)", "variant": "", "calls": 0, "ms": other, "pct": 100 * other / step_s / 1e3})
+    return rows
+
+
+# ---------------------------------------------------------------------------------- the parent
+
+
+@dataclass
+class Engine:
+    name: str  # the spec exactly as the user gave it, or e.g. "transformers"
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    ready: dict = field(default_factory=dict)
+    runs: list = field(default_factory=list)
+    peak_rss_mib: float = 0.0
+    profile: list | None = None
+
+    def start(self, env):
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.ready = self.receive()
+
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": cmd}) + "\n")
+        self.proc.stdin.flush()
+        return self.receive()
+
+    def receive(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise TinyLLMError(f"the benchmark of {self.name} stopped (exit status {code}); its error is above")
+        return json.loads(line)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+def tinyllm_engine(spec: str, model: str | None, prompt_tokens: int, new_tokens: int, plugins: list[str]) -> Engine:
+    argv = [sys.executable, "-m", "tinyllm.bench", "--spec", spec, "--prompt-tokens", str(prompt_tokens),
+            "--new-tokens", str(new_tokens)]
+    if model:
+        argv += ["--model", model]
+    for p in plugins:
+        argv += ["--plugin", p]
+    return Engine(spec, argv)
+
+
+def run(engines: list[Engine], *, rounds: int, threads: int | None, profile: bool, log=print) -> list[Engine]:
+    """Start every engine, alternate `rounds` timed runs between them, collect memory and profiles."""
+    env = dict(os.environ)
+    if threads:
+        env.update({var: str(threads) for var in THREAD_VARS})
+    try:
+        for e in engines:
+            log(f"starting {e.name} ...")
+            e.start(env)
+        for r in range(rounds):
+            for e in engines:
+                e.runs.append(e.ask("run"))
+            log(f"round {r + 1}/{rounds} done")
+        for e in engines:
+            if profile and e.argv[1:3] == ["-m", "tinyllm.bench"]:
+                e.profile = e.ask("profile")["profile"]
+            e.peak_rss_mib = e.ask("stats")["peak_rss_mib"]
+    finally:
+        for e in engines:
+            e.stop()
+    return engines
+
+
+def summary(e: Engine) -> dict:
+    def med(key):
+        return statistics.median(r[key] for r in e.runs)
+
+    return {"ops": e.name, "prefill_tok_s": med("prefill_tok_s"), "decode_tok_s": med("decode_tok_s"),
+            "ttft_s": med("ttft_s"), "load_s": e.ready["load_s"], "weights_rss_mib": e.ready["weights_rss_mib"],
+            "peak_rss_mib": e.peak_rss_mib, "runs": e.runs}
+
+
+def format_table(engines: list[Engine]) -> str:
+    def span(e, key, fmt):
+        values = [r[key] for r in e.runs]
+        return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+    header = ("ops", "prefill tok/s", "decode tok/s", "ttft ms", "load s", "weights MiB", "peak MiB")
+    rows = [header]
+    for e in engines:
+        rows.append((e.name, span(e, "prefill_tok_s", "{:.0f}"), span(e, "decode_tok_s", "{:.1f}"),
+                     f"{statistics.median(r['ttft_s'] for r in e.runs) * 1e3:.0f}", f"{e.ready['load_s']:.2f}",
+                     f"{e.ready['weights_rss_mib']:.0f}", f"{e.peak_rss_mib:.0f}"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(f"{str(c):<{w}}" if i == 0 else f"{str(c):>{w}}" for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    out = "\n".join(lines)
+    base = engines[0]
+    if len(engines) > 1:
+        ratios = [f"{e.name}: decode {statistics.median(r['decode_tok_s'] for r in e.runs) / statistics.median(r['decode_tok_s'] for r in base.runs):.2f}x, "
+                  f"prefill {statistics.median(r['prefill_tok_s'] for r in e.runs) / statistics.median(r['prefill_tok_s'] for r in base.runs):.2f}x"
+                  for e in engines[1:]]
+        out += f"\n\nrelative to {base.name} (medians, same run): " + "; ".join(ratios)
+    return out
+
+
+def format_profile(e: Engine) -> str:
+    lines = [f"decode step profile, {e.name} (exclusive time per step):",
+             f"  {'op':<14} {'variant':<10} {'calls':>5} {'ms':>8} {'%':>6}"]
+    for r in e.profile:
+        lines.append(f"  {r['op']:<14} {r['variant']:<10} {r['calls']:>5} {r['ms']:>8.3f} {r['pct']:>5.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """The child process entry point (`python -m tinyllm.bench --spec ...`)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="tinyllm benchmark worker (started by `tinyllm bench`)")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--model")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--plugin", action="append", default=[])
+    args = ap.parse_args(argv)
+    try:
+        worker(args.model, args.spec, args.prompt_tokens, args.new_tokens, args.plugin)
+    except TinyLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
