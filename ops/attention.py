@@ -46,9 +46,12 @@ def _attention_inputs():
         S = start + T
         scales = (1.0, 1e-2, 10.0)
         q = random_array(draw, (T, n_kv * group, d), scales)
-        # keys/values as the model passes them: a view of the first S positions of a larger cache
+        # keys/values as the model passes them: a view of the first S positions of a larger cache.
+        # Keys stay at scale <= 1 so scores q·k/sqrt(d) stay below ~100, the range real models use
+        # (SmolLM2 peaks at 37): at |score| ~ 300+ a float32 score is uncertain by 2^-24·300 ~ 2e-5,
+        # and so is each softmax weight, in any float32 implementation, the reference included.
         spare = draw(st.integers(0, 5), label="cache spare")
-        k = random_array(draw, (n_kv, S + spare, d), scales)[:, :S]
+        k = random_array(draw, (n_kv, S + spare, d), (1.0, 1e-2))[:, :S]
         v = random_array(draw, (n_kv, S + spare, d), scales)[:, :S]
         return q, k, v, start
 
@@ -67,8 +70,14 @@ def _attention_examples():
     return [case(4, 0), case(3, 5), case(1, 9), case(1, 0, n_kv=1, group=8, d=5)]
 
 
-@op("attention", rule=close(1e-5, "softmax-weighted sums; an online softmax rescales partial sums, "
-                            "moving the last bits"), inputs=_attention_inputs, examples=_attention_examples)
+def _attention_terms(q, k, v, start_pos) -> float:
+    """Each output row is a weighted average of value rows: their size is the natural scale."""
+    return float(np.max(np.abs(v), initial=0.0))
+
+
+@op("attention", rule=close(1e-5, "softmax-weighted averages of v; an online softmax rescales partial sums, "
+                            "moving the last bits", _attention_terms, "max|v|"),
+    inputs=_attention_inputs, examples=_attention_examples)
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np.ndarray:
     """Causal grouped-query attention.
 
@@ -135,3 +144,295 @@ def qkv_rope(ops, x, w, cos, sin, eps):
     k = ops.linear(h, w.wk, w.bk).reshape(T, -1, d)
     v = ops.linear(h, w.wv, w.bv).reshape(T, -1, d)
     return ops.rope(q, cos, sin), ops.rope(k, cos, sin), v
+
+
+# ---------------------------------------------------------------------------------- variants
+#
+# Numba kernels for the ops above. Each reads its inputs once, keeps its running values in
+# registers, and allocates nothing but its output.
+#
+# Threads. Attention and the Q/K/V matrix-vector product come in a serial and a parallel (prange)
+# kernel. Alone, the parallel ones are ~1.8x faster on 2 cores. In the model it depends on their
+# neighbours. Between OpenBLAS calls (reference `linear`, any prefill) both thread pools spin-wait
+# for their next job, so with no idle core a prange launch waits for a spinning OpenBLAS worker to
+# be descheduled and the next BLAS call for a spinning Numba worker: decode went from 49 to ~360 ms
+# per token (SmolLM2-135M, 2 cores, attention=numba,qkv_rope=fused), prefill of 64 tokens from 320
+# to 600 ms. Between Numba kernels only (the `fused` preset's decode) they gain ~8% (33 vs 36 ms).
+# So the serial kernels run unless USE_PARALLEL is set: for a schedule with no BLAS call between
+# kernels, a machine with cores to spare, or BLAS limited to one thread.
+
+import math  # noqa: E402
+
+from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
+from .registry import variant  # noqa: E402
+from .rope import rope_kernel  # noqa: E402
+
+USE_PARALLEL = False
+_NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+
+
+# -- softmax -------------------------------------------------------------------------------------
+
+@njit
+def softmax_kernel(x, out):
+    """Row-wise softmax of a 2-D float32 array in three passes over each row (max; exp and sum;
+    scale), the row staying in L1 between passes; the reference makes five whole-array passes and
+    two temporaries. A -inf entry gives exp(-inf - max) = 0 (a row is never all -inf)."""
+    R, N = x.shape
+    for r in range(R):
+        m = x[r, 0]
+        for j in range(1, N):
+            m = max(m, x[r, j])
+        total = np.float32(0.0)
+        for j in range(N):
+            e = np.exp(x[r, j] - m)  # ≤ 1: subtracting the max keeps exp from overflowing
+            out[r, j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(N):
+            out[r, j] *= inv
+
+
+@variant("softmax", "numba", **_NUMBA)
+def softmax_numba(x: np.ndarray) -> np.ndarray:
+    """softmax over the last axis: any leading axes are flattened into rows for the 2-D kernel."""
+    out = np.empty(x.shape, dtype=np.float32)
+    if x.size:
+        softmax_kernel(x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1]))
+    return out
+
+
+# -- attention -----------------------------------------------------------------------------------
+#
+# The keys and values arrive as views cache.k[i, :, :end]: not contiguous, so Numba types them as
+# arrays of unknown strides and compiles their loops with the stride a run-time value, which LLVM
+# does not vectorise (4-6x slower here). Each (head, position) row is d contiguous floats, though.
+# The two row helpers test that and run the same loop in a branch where the stride is known to be
+# 4 bytes: loop versioning by hand, and the compiler emits SIMD code for that branch. They are
+# inlined (inline="always") into the kernel, so the test costs a compare per row, not a call.
+
+@njit(inline="always")
+def _dot64(q, k_row):
+    """sum_i q_i k_i for a contiguous float32 row q and a cache row k, accumulated in float64."""
+    s = 0.0
+    if k_row.strides[0] == 4:  # a contiguous float32 row (always, from the model): SIMD code
+        for i in range(q.shape[0]):
+            s += np.float64(q[i]) * np.float64(k_row[i])
+    else:
+        for i in range(q.shape[0]):
+            s += np.float64(q[i]) * np.float64(k_row[i])
+    return s
+
+
+@njit(inline="always")
+def _axpy(p, v_row, acc):
+    """acc += p · v for a contiguous float32 row acc and a cache row v."""
+    if v_row.strides[0] == 4:
+        for i in range(acc.shape[0]):
+            acc[i] += p * v_row[i]
+    else:
+        for i in range(acc.shape[0]):
+            acc[i] += p * v_row[i]
+
+
+@njit
+def _attend(q, k, v, n_keys, scale, acc):
+    """acc = softmax(q · k[:n]^T * scale) @ v[:n] for one query row q (d,) over keys/values (S, d)
+    of its KV head, in ONE pass over the keys: the online softmax of Milakov & Gimelshein (2018)
+    that FlashAttention is built on.
+
+        m = running max of the scores,  l = running sum of exp(score - m),
+        acc = running sum of exp(score - m) · v_j
+        for each key j < n:  s = q · k_j * scale
+                             if s > m:  acc *= exp(m - s);  l *= exp(m - s);  m = s  (rescale to the new max)
+                             p = exp(s - m);  l += p;  acc += p · v_j
+        acc /= l
+
+    No score vector is stored: each key and value row is read once, straight from the cache.
+
+    The one float64 step is the dot product. Scores are exponentiated, so an absolute error in a
+    score is a relative error in its weight, and scores can reach the hundreds: a float32 sum moves
+    them by ~|s|·2^-24·sqrt(d). Summed in float64 and rounded once to float32 (as the reference's
+    score is), the score is as close to the exact one as a float32 can be."""
+    m = np.float32(-np.inf)
+    l = np.float32(0.0)
+    acc[:] = 0.0
+    for j in range(n_keys):
+        s = np.float32(_dot64(q, k[j])) * scale  # as the reference: the dot rounded to float32, then scaled
+        if s > m:  # a new maximum: the terms so far were weighted by exp(. - m); rescale them
+            c = np.exp(m - s)  # the first key: exp(-inf) = 0, and acc, l are 0 anyway
+            l *= c
+            for i in range(acc.shape[0]):
+                acc[i] *= c
+            m = s
+        p = np.exp(s - m)
+        l += p
+        _axpy(p, v[j], acc)
+    inv = np.float32(1.0) / l
+    for i in range(acc.shape[0]):
+        acc[i] *= inv
+
+
+@njit
+def attention_serial(q, k, v, start_pos, scale, out):
+    """All (query, head) rows one after the other (see USE_PARALLEL)."""
+    T, n_heads, _ = q.shape
+    group = n_heads // k.shape[0]
+    for t in range(T):
+        for h in range(n_heads):
+            g = h // group  # the KV head this query head shares
+            # causal: query t (position start_pos + t) sees keys 0 .. start_pos + t
+            _attend(q[t, h], k[g], v[g], start_pos + t + 1, scale, out[t, h])
+
+
+@njit(parallel=True)
+def attention_parallel(q, k, v, start_pos, scale, out):
+    """As attention_serial, with the T·Hq independent (query, head) rows spread over the cores."""
+    T, n_heads, _ = q.shape
+    group = n_heads // k.shape[0]
+    for th in prange(T * n_heads):
+        t, h = th // n_heads, th % n_heads
+        g = h // group
+        _attend(q[t, h], k[g], v[g], start_pos + t + 1, scale, out[t, h])
+
+
+# With USE_PARALLEL: below this many multiply-adds (T·Hq·S·d, ~30 cached positions of a decode step
+# of SmolLM2) the serial kernel is faster than waking the worker threads, even on idle cores.
+ATTENTION_PARALLEL_MIN_WORK = 16_384
+
+
+@variant("attention", "numba", **_NUMBA)
+def attention_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np.ndarray:
+    """Causal GQA attention with an online softmax: one pass over the cache, no score matrix."""
+    T, n_heads, d = q.shape
+    q = np.ascontiguousarray(q, dtype=np.float32)  # T·Hq·d floats: copied only if a strided view
+    out = np.empty((T, n_heads, d), dtype=np.float32)
+    scale = np.float32(1.0 / math.sqrt(d))  # as the reference: rounded to float32 once
+    work = T * n_heads * k.shape[1] * d
+    kernel = attention_parallel if USE_PARALLEL and work >= ATTENTION_PARALLEL_MIN_WORK else attention_serial
+    kernel(q, k, v, start_pos, scale, out)
+    return out
+
+
+# -- qkv_rope: rmsnorm -> Q/K/V projections -> RoPE, fused -----------------------------------------
+
+def prepare_qkv(w: Weights) -> Weights:
+    """Once per schedule: stack Wq, Wk, Wv into one (Hq·d + 2·Hkv·d, D) matrix, so decode reads all
+    three projections as one contiguous stream of rows with one kernel launch. The separate matrices
+    are dropped (no second copy of the weights is kept); n_q, n_kv record where K and V start."""
+    wqkv = np.ascontiguousarray(np.concatenate([w.wq, w.wk, w.wv]), dtype=np.float32)
+    biases = (w.bq, w.bk, w.bv)
+    bqkv = None
+    if any(b is not None for b in biases):  # a missing bias is a zero bias
+        bqkv = np.concatenate([np.zeros(m.shape[0], np.float32) if b is None else b
+                               for m, b in zip((w.wq, w.wk, w.wv), biases)]).astype(np.float32)
+    return Weights(norm=w.norm, wqkv=wqkv, bqkv=bqkv, n_q=w.wq.shape[0], n_kv=w.wk.shape[0])
+
+
+_NO_BIAS = np.zeros(0, dtype=np.float32)  # the kernel's "no bias" (a typed array, not None)
+
+
+@njit(inline="always")
+def _qkv_unit(u, x, norm, r, wqkv, bqkv, cos, sin, n_q, n_kv, out):
+    """Work item u of the decode kernel: a rotated pair of Q or K rows, or one V row.
+
+        y_j = r · sum_c W[j, c] · (x_c · norm_c) + b_j     (the rmsnorm folded into the dot product)
+
+    RoPE rotates rows (j, j + d/2) of a head together, so one item computes both dot products of a
+    pair and writes them already rotated: the unrotated q, k never reach memory."""
+    D = x.shape[0]
+    half = cos.shape[1]
+    n_pairs = (n_q + n_kv) // 2
+    if u < n_pairs:
+        head, i = u // half, u % half
+        j1 = head * 2 * half + i  # the rows of (x1[i], x2[i]); Q heads first, then K heads
+        j2 = j1 + half
+        a = np.float32(0.0)
+        b = np.float32(0.0)
+        for c in range(D):
+            h = x[c] * norm[c]
+            a += wqkv[j1, c] * h
+            b += wqkv[j2, c] * h
+        a *= r
+        b *= r
+        if bqkv.shape[0] > 0:
+            a += bqkv[j1]
+            b += bqkv[j2]
+        cs, sn = cos[0, i], sin[0, i]
+        out[j1] = a * cs - b * sn  # RoPE, as `rope`
+        out[j2] = b * cs + a * sn
+    else:
+        j = n_q + n_kv + (u - n_pairs)
+        a = np.float32(0.0)
+        for c in range(D):
+            a += wqkv[j, c] * (x[c] * norm[c])
+        a *= r
+        if bqkv.shape[0] > 0:
+            a += bqkv[j]
+        out[j] = a
+
+
+@njit
+def _inv_rms(x, eps):
+    """r = 1 / sqrt(mean(x^2) + eps): one pass over the D floats of x."""
+    ms = np.float32(0.0)
+    for i in range(x.shape[0]):
+        ms += x[i] * x[i]
+    return np.float32(1.0) / np.sqrt(ms / np.float32(x.shape[0]) + eps)
+
+
+@njit
+def qkv_rope_decode_serial(x, norm, wqkv, bqkv, cos, sin, eps, n_q, n_kv, out):
+    """One token: out = RoPE(rmsnorm(x) · Wqkv^T + b) on the Q and K rows, the plain product on V.
+
+    Decode is a matrix-vector product: each weight is used for one multiply-add, so the time is the
+    time to stream Wqkv (rows × D × 4 bytes, 2.2 MB per layer for SmolLM2-135M) from memory. It is
+    read exactly once; the normalised x and the unrotated q, k are never written."""
+    r = _inv_rms(x, eps)
+    n_units = (n_q + n_kv) // 2 + (wqkv.shape[0] - n_q - n_kv)  # rotated pairs, then V rows
+    for u in range(n_units):
+        _qkv_unit(u, x, norm, r, wqkv, bqkv, cos, sin, n_q, n_kv, out)
+
+
+@njit(parallel=True)
+def qkv_rope_decode_parallel(x, norm, wqkv, bqkv, cos, sin, eps, n_q, n_kv, out):
+    """As qkv_rope_decode_serial, the work items spread over the cores (the weight stream split)."""
+    r = _inv_rms(x, eps)
+    n_units = (n_q + n_kv) // 2 + (wqkv.shape[0] - n_q - n_kv)
+    for u in prange(n_units):
+        _qkv_unit(u, x, norm, r, wqkv, bqkv, cos, sin, n_q, n_kv, out)
+
+
+def qkv_rope_decode(x, w, cos, sin, eps):
+    """x (1, D) -> q, k, v: views into the one output row the fused kernel writes."""
+    n_q, n_kv, d = w.n_q, w.n_kv, 2 * cos.shape[1]
+    out = np.empty(w.wqkv.shape[0], dtype=np.float32)
+    kernel = qkv_rope_decode_parallel if USE_PARALLEL else qkv_rope_decode_serial
+    kernel(x[0], w.norm, w.wqkv, _NO_BIAS if w.bqkv is None else w.bqkv, cos, sin, np.float32(eps), n_q, n_kv, out)
+    return (out[:n_q].reshape(1, -1, d), out[n_q:n_q + n_kv].reshape(1, -1, d),
+            out[n_q + n_kv:].reshape(1, -1, d))
+
+
+def qkv_rope_prefill(x, w, cos, sin, eps):
+    """x (T, D): T tokens share every weight, so the projection is a matrix product, compute-bound,
+    and BLAS is the right tool; we fuse around it: the norm (NumPy, float32), one matmul for Q, K and
+    V together, the bias, and RoPE applied in place on the Q and K columns by the compiled kernel."""
+    T, d, n_q, n_kv = x.shape[0], 2 * cos.shape[1], w.n_q, w.n_kv
+    h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * w.norm
+    qkv = h @ w.wqkv.T  # (T, rows): one sgemm
+    if w.bqkv is not None:
+        qkv += w.bqkv
+    q = qkv[:, :n_q].reshape(T, -1, d)
+    k = qkv[:, n_q:n_q + n_kv].reshape(T, -1, d)
+    rope_kernel(q, cos, sin, q)  # in place: each pair is read before it is written
+    rope_kernel(k, cos, sin, k)
+    return q, k, qkv[:, n_q + n_kv:].reshape(T, -1, d)
+
+
+@variant("qkv_rope", "fused", prepare=prepare_qkv, weight_format="fp32", **_NUMBA)
+def qkv_rope_fused(x, w, cos, sin, eps):
+    """rmsnorm, the Q/K/V projections and RoPE: one compiled pass over Wqkv for decode (T = 1),
+    one BLAS matmul with the norm and RoPE around it for prefill."""
+    if x.shape[0] == 1:
+        return qkv_rope_decode(x, w, cos, sin, eps)
+    return qkv_rope_prefill(x, w, cos, sin, eps)

@@ -75,3 +75,35 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+# ---------------------------------------------------------------------------------- variants
+
+from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit  # noqa: E402
+from .registry import variant  # noqa: E402
+
+
+@njit
+def rope_kernel(x, cos, sin, out):
+    """out[t, h] = x[t, h] with pair i = (x[i], x[half+i]) rotated by the angle of position t.
+
+    One pass: each pair is read once and written once, with no temporaries (the reference builds
+    four products, two sums and a concatenation). Every pair is read before it is written, so
+    `out` may be `x` itself (the fused Q/K/V kernel rotates in place)."""
+    T, H, d = x.shape
+    half = d // 2
+    for t in range(T):
+        for h in range(H):
+            for i in range(half):
+                c, s = cos[t, i], sin[t, i]
+                x1, x2 = x[t, h, i], x[t, h, half + i]
+                out[t, h, i] = x1 * c - x2 * s         # y1 = x1 cos - x2 sin
+                out[t, h, half + i] = x2 * c + x1 * s  # y2 = x2 cos + x1 sin
+
+
+@variant("rope", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+def rope_numba(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """One compiled pass over x, rotating each pair straight into the output array."""
+    out = np.empty(x.shape, dtype=np.float32)
+    rope_kernel(x, cos, sin, out)
+    return out
