@@ -151,23 +151,15 @@ def qkv_rope(ops, x, w, cos, sin, eps):
 # Numba kernels for the ops above. Each reads its inputs once, keeps its running values in
 # registers, and allocates nothing but its output.
 #
-# Threads. Attention and the Q/K/V matrix-vector product come in a serial and a parallel (prange)
-# kernel. Alone, the parallel ones are ~1.8x faster on 2 cores. In the model it depends on their
-# neighbours. Between OpenBLAS calls (reference `linear`, any prefill) both thread pools spin-wait
-# for their next job, so with no idle core a prange launch waits for a spinning OpenBLAS worker to
-# be descheduled and the next BLAS call for a spinning Numba worker: decode went from 49 to ~360 ms
-# per token (SmolLM2-135M, 2 cores, attention=numba,qkv_rope=fused), prefill of 64 tokens from 320
-# to 600 ms. Between Numba kernels only (the `fused` preset's decode) they gain ~8% (33 vs 36 ms).
-# So the serial kernels run unless USE_PARALLEL is set: for a schedule with no BLAS call between
-# kernels, a machine with cores to spare, or BLAS limited to one thread.
+# Threads (see ops/jit.py): for decode (a few rows) the kernels run in parallel over heads or
+# rows; for prefill, BLAS does the matrix products and the kernels around them run serial.
 
 import math  # noqa: E402
 
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
+from .jit import FEW_ROWS, NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
 from .registry import variant  # noqa: E402
 from .rope import rope_kernel  # noqa: E402
 
-USE_PARALLEL = False
 _NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
 
 
@@ -275,7 +267,7 @@ def _attend(q, k, v, n_keys, scale, acc):
 
 @njit
 def attention_serial(q, k, v, start_pos, scale, out):
-    """All (query, head) rows one after the other (see USE_PARALLEL)."""
+    """All (query, head) rows one after the other: below ATTENTION_PARALLEL_MIN_WORK."""
     T, n_heads, _ = q.shape
     group = n_heads // k.shape[0]
     for t in range(T):
@@ -296,20 +288,63 @@ def attention_parallel(q, k, v, start_pos, scale, out):
         _attend(q[t, h], k[g], v[g], start_pos + t + 1, scale, out[t, h])
 
 
-# With USE_PARALLEL: below this many multiply-adds (T·Hq·S·d, ~30 cached positions of a decode step
-# of SmolLM2) the serial kernel is faster than waking the worker threads, even on idle cores.
+# Below this many multiply-adds (T·Hq·S·d, ~30 cached positions of a decode step of SmolLM2) the
+# serial kernel is faster than waking the worker threads, even on idle cores.
 ATTENTION_PARALLEL_MIN_WORK = 16_384
+
+
+@njit
+def causal_softmax_rows(scores, T, start_pos, scale):
+    """In place, for a (group·T, S) block of raw scores whose row r belongs to query t = r mod T:
+    scale, mask the keys after position start_pos + t, softmax. Masked entries become exact zeros."""
+    R, S = scores.shape
+    for r in range(R):
+        n = start_pos + r % T + 1  # keys this query may see
+        m = np.float32(-np.inf)
+        for j in range(n):
+            s = scores[r, j] * scale
+            scores[r, j] = s
+            m = max(m, s)
+        total = np.float32(0.0)
+        for j in range(n):
+            e = np.exp(scores[r, j] - m)
+            scores[r, j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(n):
+            scores[r, j] *= inv
+        for j in range(n, S):
+            scores[r, j] = 0.0
+
+
+def attention_prefill(q, k, v, start_pos, scale):
+    """Many queries: the score and output products are matrix products, compute-bound, so BLAS
+    does them (per KV head, the group's queries stacked as rows) and one compiled pass does the
+    scale, causal mask and softmax in between."""
+    T, n_heads, d = q.shape
+    n_kv, S, _ = k.shape
+    group = n_heads // n_kv
+    qg = q.reshape(T, n_kv, group, d).transpose(1, 2, 0, 3).reshape(n_kv, group * T, d)
+    out = np.empty((n_kv, group * T, d), dtype=np.float32)
+    for g in range(n_kv):
+        scores = qg[g] @ k[g].T  # (group·T, S)
+        causal_softmax_rows(scores, T, start_pos, scale)
+        np.matmul(scores, v[g], out=out[g])
+    return out.reshape(n_kv, group, T, d).transpose(2, 0, 1, 3).reshape(T, n_heads, d)
 
 
 @variant("attention", "numba", **_NUMBA)
 def attention_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np.ndarray:
-    """Causal GQA attention with an online softmax: one pass over the cache, no score matrix."""
+    """Causal GQA attention: for decode an online softmax, one pass over the cache and no score
+    matrix; for prefill BLAS products around a compiled mask-and-softmax."""
     T, n_heads, d = q.shape
+    scale = np.float32(1.0 / math.sqrt(d))  # as the reference: rounded to float32 once
+    if T > FEW_ROWS:
+        return attention_prefill(q, k, v, start_pos, scale)
     q = np.ascontiguousarray(q, dtype=np.float32)  # T·Hq·d floats: copied only if a strided view
     out = np.empty((T, n_heads, d), dtype=np.float32)
-    scale = np.float32(1.0 / math.sqrt(d))  # as the reference: rounded to float32 once
     work = T * n_heads * k.shape[1] * d
-    kernel = attention_parallel if USE_PARALLEL and work >= ATTENTION_PARALLEL_MIN_WORK else attention_serial
+    kernel = attention_parallel if work >= ATTENTION_PARALLEL_MIN_WORK else attention_serial
     kernel(q, k, v, start_pos, scale, out)
     return out
 
@@ -407,8 +442,7 @@ def qkv_rope_decode(x, w, cos, sin, eps):
     """x (1, D) -> q, k, v: views into the one output row the fused kernel writes."""
     n_q, n_kv, d = w.n_q, w.n_kv, 2 * cos.shape[1]
     out = np.empty(w.wqkv.shape[0], dtype=np.float32)
-    kernel = qkv_rope_decode_parallel if USE_PARALLEL else qkv_rope_decode_serial
-    kernel(x[0], w.norm, w.wqkv, _NO_BIAS if w.bqkv is None else w.bqkv, cos, sin, np.float32(eps), n_q, n_kv, out)
+    qkv_rope_decode_parallel(x[0], w.norm, w.wqkv, _NO_BIAS if w.bqkv is None else w.bqkv, cos, sin, np.float32(eps), n_q, n_kv, out)
     return (out[:n_q].reshape(1, -1, d), out[n_q:n_q + n_kv].reshape(1, -1, d),
             out[n_q + n_kv:].reshape(1, -1, d))
 
@@ -433,6 +467,6 @@ def qkv_rope_prefill(x, w, cos, sin, eps):
 def qkv_rope_fused(x, w, cos, sin, eps):
     """rmsnorm, the Q/K/V projections and RoPE: one compiled pass over Wqkv for decode (T = 1),
     one BLAS matmul with the norm and RoPE around it for prefill."""
-    if x.shape[0] == 1:
+    if x.shape[0] == 1:  # the decode kernel is written for one row
         return qkv_rope_decode(x, w, cos, sin, eps)
     return qkv_rope_prefill(x, w, cos, sin, eps)

@@ -77,12 +77,10 @@ def norm_head(ops, x, w, eps):
 # once, so its speed is the speed of streaming W from memory. The kernel below reads each weight row
 # exactly once, for all T input rows at a time, with one thread per block of output rows.
 # With many rows (prefill) the product is compute-bound instead, and BLAS's blocked GEMM is the
-# right tool: we hand it over above SMALL_T rows.
+# right tool: we hand it over above FEW_ROWS rows.
 
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
+from .jit import FEW_ROWS, NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
 from .registry import variant  # noqa: E402
-
-SMALL_T = 4  # up to this many rows, one pass over W beats BLAS's GEMM set-up; above it, BLAS wins
 
 
 @njit(parallel=True)
@@ -99,7 +97,7 @@ def matvec_rows(x, w, out):
 
 def linear_streaming(x, weight, bias=None):
     """linear: a Numba matrix-vector kernel for a few rows, BLAS GEMM for many."""
-    if x.shape[0] > SMALL_T:
+    if x.shape[0] > FEW_ROWS:
         return linear(x, weight, bias)
     out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
     matvec_rows(x, weight, out)
@@ -135,7 +133,7 @@ def rmsnorm_matvec(x, norm, eps, w, out):
 def norm_head_fused(x, w, eps):
     """Final rmsnorm and LM head in one kernel for a few rows (the head is the largest matrix: 113 MB
     for the default model, one pass); BLAS for many rows."""
-    if x.shape[0] > SMALL_T:
+    if x.shape[0] > FEW_ROWS:
         from .norm import rmsnorm
 
         return linear(rmsnorm(x, w.norm, eps), w.weight)

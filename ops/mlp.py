@@ -70,8 +70,8 @@ def swiglu_mlp(ops, h, w):
 
 # ---------------------------------------------------------------------------------- numba variants
 
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
-from .linear import SMALL_T, linear, matvec_rows  # noqa: E402,I001
+from .jit import FEW_ROWS, NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
+from .linear import linear, matvec_rows  # noqa: E402,I001
 from .registry import variant  # noqa: E402
 
 NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
@@ -130,7 +130,7 @@ def gate_up_rows(h, w_gate, w_up, out):
 def swiglu_mlp_fused(h, w):
     """The SwiGLU MLP as two kernels for a few rows (gate·up·silu fused, then down); for many rows
     BLAS does the three matmuls and a Numba kernel the gate."""
-    if h.shape[0] > SMALL_T:
+    if h.shape[0] > FEW_ROWS:
         return linear(swiglu_numba(linear(h, w.gate), linear(h, w.up)), w.down)
     a = np.empty((h.shape[0], w.gate.shape[0]), dtype=np.float32)
     gate_up_rows(h, w.gate, w.up, a)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from .errors import TinyLLMError
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+SETTLE_S = 0.5
 
 
 # ---------------------------------------------------------------------------------- shared helpers
@@ -237,6 +238,9 @@ def run(engines: list[Engine], *, rounds: int, threads: int | None, profile: boo
             e.start(env)
         for r in range(rounds):
             for e in engines:
+                # Let the previous engine's idle BLAS/OpenMP workers stop spin-waiting (they spin for
+                # up to ~0.1 s after their last job) before timing the next one on the same cores.
+                time.sleep(SETTLE_S)
                 e.runs.append(e.ask("run"))
             log(f"round {r + 1}/{rounds} done")
         for e in engines:

@@ -75,3 +75,23 @@ def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
             raise ModelError(f"{model_dir}: shard {name} listed in the index is missing")
         weights.update(read_safetensors(model_dir / name))
     return weights
+
+
+def release_pages(array: np.ndarray) -> bool:
+    """Drop a memory-mapped weight's pages from this process's resident memory.
+
+    Used when a schedule's prepare step has made its own copy (e.g. Q, K and V concatenated): the
+    raw tensor is no longer read, so its pages need not count twice. They stay in the OS page cache
+    and the array stays valid: reading it again (swapping back to `reference`) faults them back in.
+    Whole pages inside the array only; returns False for an array that is not memory-mapped."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is None or not hasattr(base, "madvise"):
+        return False
+    start = array.ctypes.data - np.frombuffer(base, dtype=np.uint8, count=1).ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # round up: never drop a neighbour's page
+    last = (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        base.madvise(mmap.MADV_DONTNEED, first, last - first)
+    return True

@@ -20,10 +20,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 import ops as ops_pkg
-from ops.registry import COMPOSED, OPS, OpTable, RegistryError, default_variant, get_variant, prepare_argument
+from ops.registry import (COMPOSED, OPS, OpTable, RegistryError, Weights, default_variant, get_variant,
+                          prepare_argument)
 
 from .errors import TinyLLMError
+from .loading import release_pages
 
 
 
@@ -147,9 +151,24 @@ def apply(transformer, schedule: Schedule) -> None:
         v = get_variant(site.op, schedule.choice[site.op])
         key = (v.name, linear.name) if v.name == COMPOSED else (v.name,)
         if site.key != key:
-            setattr(site.owner, site.attr, prepare_argument(site.op, v, linear, site.raw))
+            prepared = prepare_argument(site.op, v, linear, site.raw)
+            setattr(site.owner, site.attr, prepared)
             site.key = key
+            # Raw tensors the prepared value no longer contains leave resident memory (they stay
+            # mapped from the file, so preparing them again later reads them back).
+            kept = {id(a) for a in _arrays(prepared)}
+            for a in _arrays(site.raw):
+                if id(a) not in kept:
+                    release_pages(a)
     transformer.ops = schedule.table()
+
+
+def _arrays(value) -> list:
+    if isinstance(value, np.ndarray):
+        return [value]
+    if isinstance(value, Weights):
+        return [a for a in vars(value).values() if isinstance(a, np.ndarray)]
+    return []
 
 
 def load_plugins(modules) -> list[str]:
