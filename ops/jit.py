@@ -51,7 +51,8 @@ def njit(*args, parallel: bool = False, **kwargs):
     """numba.njit with our cache and fastmath settings (a no-op decorator if numba is missing)."""
     if not NUMBA_AVAILABLE:
         return (lambda f: f) if not args or not callable(args[0]) else args[0]
-    options = dict(cache=True, fastmath=FASTMATH, parallel=parallel, nogil=True, **kwargs)
+    options = dict(cache=True, fastmath=FASTMATH, parallel=parallel, nogil=True)
+    options.update(kwargs)  # e.g. fastmath=False where results must match NumPy bit for bit
     if args and callable(args[0]):
         return numba.njit(**options)(args[0])
     return numba.njit(*args, **options)

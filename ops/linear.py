@@ -109,34 +109,17 @@ def linear_streaming(x, weight, bias=None):
 variant("linear", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)(linear_streaming)
 
 
-@njit(parallel=True)
-def rmsnorm_matvec(x, norm, eps, w, out):
-    """out[t, j] = sum_k (x[t, k] * inv_rms[t] * norm[k]) * w[j, k]: the norm folded into the product."""
-    T, K = x.shape
-    h = np.empty((T, K), dtype=np.float32)  # T normalised rows: a few KB, stays in cache
-    for t in range(T):
-        ss = np.float32(0.0)
-        for k in range(K):
-            ss += x[t, k] * x[t, k]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(K) + eps)
-        for k in range(K):
-            h[t, k] = x[t, k] * inv * norm[k]
-    for j in prange(w.shape[0]):
-        for t in range(T):
-            acc = np.float32(0.0)
-            for k in range(K):
-                acc += h[t, k] * w[j, k]
-            out[t, j] = acc
-
-
 @variant("norm_head", "fused", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
 def norm_head_fused(x, w, eps):
-    """Final rmsnorm and LM head in one kernel for a few rows (the head is the largest matrix: 113 MB
-    for the default model, one pass); BLAS for many rows."""
-    if x.shape[0] > FEW_ROWS:
-        from .norm import rmsnorm
+    """Final rmsnorm and LM head as one op: for a few rows the norm kernel, then the parallel
+    matrix-vector kernel streams the head (the largest matrix: 113 MB for the default model) once;
+    for many rows the norm, then BLAS."""
+    from .norm import rmsnorm_rows
 
-        return linear(rmsnorm(x, w.norm, eps), w.weight)
+    h = np.empty_like(x)
+    rmsnorm_rows(x, w.norm, np.float32(eps), h)
+    if x.shape[0] > FEW_ROWS:
+        return linear(h, w.weight)
     out = np.empty((x.shape[0], w.weight.shape[0]), dtype=np.float32)
-    rmsnorm_matvec(x, w.norm, np.float32(eps), w.weight, out)
+    matvec_rows(h, w.weight, out)
     return out

@@ -51,19 +51,24 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: 
     temperature <= 0 means greedy; top_k <= 0 and top_p >= 1 disable those filters.   (V,) -> int"""
     if temperature <= 0:
         return argmax(logits)
+    return int(draw_token(logits, temperature, top_k, top_p, u))
+
+
+def draw_token(logits, temperature, top_k, top_p, u):
+    """The draw itself, for temperature > 0 (plain NumPy that Numba also compiles: see below)."""
     z = logits.astype(np.float64) / temperature
-    order = np.argsort(-z, kind="stable")  # most likely first, ties by id
+    order = np.argsort(-z, kind="mergesort")  # most likely first; mergesort is stable: ties by id
     if top_k > 0:
         order = order[:top_k]
     p = np.exp(z[order] - z[order[0]])
-    p /= p.sum()
+    p /= np.cumsum(p)[-1]  # the total, summed in order (a fixed order, so a compiled copy matches exactly)
     if top_p < 1.0:
         # keep token i while the mass before it is < top_p: the first token is always kept
         keep = (np.cumsum(p) - p) < top_p
-        order, p = order[keep], p[keep] / p[keep].sum()
+        order, p = order[keep], p[keep] / np.cumsum(p[keep])[-1]
     cdf = np.cumsum(p)
-    i = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(order) - 1)
-    return int(order[i])
+    i = np.searchsorted(cdf, u * cdf[-1], side="right")
+    return order[min(i, order.shape[0] - 1)]
 
 
 # ---------------------------------------------------------------------------------- numba variant
@@ -84,3 +89,15 @@ def first_max(x):
 @variant("argmax", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
 def argmax_numba(logits):
     return int(first_max(logits))
+
+
+# The reference's draw, compiled as it is: without fastmath, the same IEEE operations in the same
+# order, so the result is bit-exact (argsort, exp and the in-order sums are what they are in NumPy).
+draw_token_numba = njit(fastmath=False)(draw_token)
+
+
+@variant("sample", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+def sample_numba(logits, temperature, top_k, top_p, u):
+    if temperature <= 0:
+        return argmax_numba(logits)
+    return int(draw_token_numba(logits, float(temperature), int(top_k), float(top_p), float(u)))
