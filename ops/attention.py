@@ -27,7 +27,8 @@ def _softmax_examples():
 
 
 @op("softmax", rule=close(1e-5, "probabilities ≤ 1; exp differs by a few ulp between libms and the sum by "
-                          "~N·2^-24 relative"), inputs=_softmax_inputs, examples=_softmax_examples)
+                          "~N·2^-24 relative"), inputs=_softmax_inputs, examples=_softmax_examples,
+    inside="attention")
 def softmax(x: np.ndarray) -> np.ndarray:
     """softmax(x)_i = exp(x_i - max x) / sum_j exp(x_j - max x), over the last axis"""
     # Subtracting the max changes nothing mathematically and keeps exp() from overflowing.

@@ -5,7 +5,8 @@
   non-editable install in a system site-packages), we point NUMBA_CACHE_DIR at the user cache.
 - fastmath: only the flags that keep NaN and Inf meaning what they mean. `reassoc` lets sums be
   vectorised (reordered, hence the ~1e-5 tolerances), `contract` allows fused multiply-add, `arcp`
-  and `afn` allow reciprocal and approximate-libm rewrites; `nnan`/`ninf` (in `fastmath=True`) are
+  and `afn` allow reciprocal and approximate-libm rewrites, `nsz` ignores the sign of zero (-0.0 vs
+  0.0 compare equal anyway); `nnan`/`ninf` (in `fastmath=True`) are
   left out, because with them the compiler may assume no NaN/Inf exists and drop our handling of
   them (an all-masked row, an overflowing exp).
 - Threads: Numba's `prange` uses NUMBA_NUM_THREADS workers (default: the cores); `parallel=True` is

@@ -26,7 +26,7 @@ def _silu_examples():
 
 
 @op("silu", rule=close(1e-5, "one exp and a division; exp implementations differ by a few ulp"),
-    inputs=_elementwise(1), examples=_silu_examples)
+    inputs=_elementwise(1), examples=_silu_examples, inside="swiglu")
 def silu(x: np.ndarray) -> np.ndarray:
     """silu(x) = x * sigmoid(x) = x / (1 + exp(-x))"""
     # exp(-x) overflows to inf for x < -88 in float32; x / inf = -0.0, which is the right limit.

@@ -88,7 +88,7 @@ class Rule:
         finite = np.isfinite(ref)
         if np.any(~np.isfinite(out) & finite):
             return f"{int(np.sum(~np.isfinite(out) & finite))} non-finite values where the reference is finite"
-        if np.any(~finite & (out != ref)):
+        if np.any(~finite & (out != ref) & ~(np.isnan(out) & np.isnan(ref))):
             return "differs where the reference is not finite"
         if not finite.any():
             return None
@@ -151,6 +151,7 @@ class Op:
     weights: tuple[int, ...] = ()  # argument positions a prepare step transforms
     composite: tuple[str, ...] = ()  # for a composite op: the primitive ops it is made of
     projections: tuple[str, ...] = ()  # for a composite: the Weights fields that are `linear` weights
+    inside: str = ""  # a building block the model does not call itself: the op whose reference uses it
 
     @property
     def is_composite(self) -> bool:
@@ -184,15 +185,14 @@ OPS: dict[str, Op] = {}
 VARIANTS: dict[str, dict[str, Variant]] = {}
 
 
-def op(name: str, *, rule: Rule, inputs=None, examples=None, weights=(), composite=(), projections=()):
+def op(name: str, *, rule: Rule, inputs=None, examples=None, weights=(), composite=(), projections=(), inside=""):
     """Declare the decorated function as the reference of op `name` (see the module docstring)."""
 
     def register(fn: Callable) -> Callable:
         if name in OPS:
             raise RegistryError(f"op {name!r} is declared twice")
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        OPS[name] = Op(name, fn, doc, rule, inputs, examples or (lambda: []), tuple(weights), tuple(composite),
-                       tuple(projections))
+        OPS[name] = Op(name, fn, _first_line(fn.__doc__), rule, inputs, examples or (lambda: []), tuple(weights),
+                       tuple(composite), tuple(projections), inside)
         if composite:
             VARIANTS[name] = {COMPOSED: Variant(name, COMPOSED, None, "the composition of the scheduled ops: "
                                                 + " → ".join(composite), weight_format="any", source=fn.__module__)}
@@ -225,12 +225,16 @@ def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = T
             raise RegistryError(f"{op_name}={name} is registered twice (by {VARIANTS[op_name][name].source} "
                                 f"and {fn.__module__})")
         ok = available() if callable(available) else bool(available)
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        VARIANTS[op_name][name] = Variant(op_name, name, fn, doc, ok, unavailable_reason, prepare, weight_format,
+        VARIANTS[op_name][name] = Variant(op_name, name, fn, _first_line(fn.__doc__), ok, unavailable_reason, prepare, weight_format,
                                           fn.__module__, rule, reference)
         return fn
 
     return register
+
+
+def _first_line(doc: str | None) -> str:
+    lines = (doc or "").strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def get_op(name: str) -> Op:

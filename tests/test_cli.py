@@ -36,9 +36,13 @@ def test_seed_reproducibility_and_stats(tiny_model_dir):
     (("generate", "hi", "--ops", "turbo"), "unknown preset 'turbo'"),
     (("generate", "a" * 100, "--raw"), "context"),
     (("generate", "", "--raw"), "empty"),
+    (("generate", "hi", "--seed", -1), "seed must be >= 0"),
+    (("check", "rope", "--json", "/no/such/dir/out.json"), "does not exist"),
+    (("bench", "--new-tokens", 1), "--new-tokens must be at least 2"),
+    (("bench", "--threads", 0), "--threads must be at least 1"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(tiny_model_dir, args, message):
-    if "--model" not in args:
+    if "--model" not in args and args[0] != "check":
         args = (*args, "--model", tiny_model_dir)
     r = tinyllm(*args)
     assert r.returncode == 2

@@ -30,9 +30,8 @@ def test_stream_pieces_join_to_the_text(tiny):
 def test_generated_ids_follow_the_argmax_of_the_logits(tiny):
     prompt = tiny.tokenizer.encode("xyz")
     new = list(tiny.generate_ids(prompt, max_new_tokens=5))
+    assert new and not set(new) & tiny.stop_ids  # the stop token itself is never yielded
     for i, token in enumerate(new):
-        if token in tiny.stop_ids:
-            break
         assert token == int(np.argmax(tiny.logits(prompt + new[:i])[-1]))
 
 
@@ -77,3 +76,18 @@ def test_sample_filters():
     assert sample(logits, 1.0, 2, 1.0, 0.999) == 2
     # temperature 0 is argmax
     assert sample(logits, 0.0, 0, 1.0, 0.5) == 1
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny):
+    # the compiled embedding gather does not bounds-check: the API must, before it runs
+    V = tiny.config.vocab_size
+    for bad in ([V], [-1], [1, 2, V + 5]):
+        with pytest.raises(tinyllm.TinyLLMError, match="outside the vocabulary"):
+            tiny.logits(bad)
+        with pytest.raises(tinyllm.TinyLLMError, match="outside the vocabulary"):
+            list(tiny.generate_ids(bad, max_new_tokens=2))
+    tiny.prefill([1, 2])
+    with pytest.raises(tinyllm.TinyLLMError, match="outside the vocabulary"):
+        tiny.step(V)
+    with pytest.raises(tinyllm.TinyLLMError, match="seed"):
+        tiny.generate("x", chat=False, seed=-1)

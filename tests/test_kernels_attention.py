@@ -1,6 +1,6 @@
 """What the generic harness (test_registry.py: every variant against its reference on the op's
 strategy) does not cover for the attention-family kernels: the model's real memory layouts, decode
-and prefill agreeing with each other, the parallel kernels (off by default), and the fused Q/K/V
+and prefill agreeing with each other, the parallel kernels equal to their serial twins, and the fused Q/K/V
 prepare step."""
 import numpy as np
 import pytest

@@ -64,3 +64,34 @@ def test_shape_mismatch_is_reported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="mlp.gate_proj.weight has shape"):
         Transformer.from_dir(tmp_path, ops.reference_table())
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("config.json", "[1, 2]", "must hold a JSON object"),
+    ("config.json", '{"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}}', "rope scaling 'yarn'"),
+    ("model.safetensors.index.json", "{broken", "is not valid JSON"),
+    ("model.safetensors.index.json", '{"weight_map": {"a": "../../etc/passwd"}}', "not a plain file name"),
+    ("tokenizer_config.json", "{broken", "is not valid JSON"),
+    ("generation_config.json", "[]", "must hold a JSON object"),
+])
+def test_malformed_model_files_are_model_errors(tmp_path, tiny_model_dir, name, content, message):
+    import shutil
+
+    import tinyllm
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    if name == "config.json" and "rope_scaling" in content:
+        cfg = json.loads((model / "config.json").read_text())
+        cfg["rope_scaling"] = {"rope_type": "yarn"}
+        content = json.dumps(cfg)
+    (model / name).write_text(content)
+    with pytest.raises(tinyllm.TinyLLMError, match=message):
+        tinyllm.load(model)
+
+
+def test_malformed_safetensors_header_entry(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2]}}).encode()  # no data_offsets
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ModelError, match="header entry of tensor w is malformed"):
+        load_weights(tmp_path)

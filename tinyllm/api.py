@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .config import read_json
 from .errors import ContextError, ModelError, TinyLLMError
 from .generate import GenerationStats, Sampling, generate_tokens
 from .model import KVCache, Transformer
@@ -35,17 +36,18 @@ class Model:
         scheduling.apply(self.transformer, self.schedule)
         self.config = self.transformer.cfg
         self.tokenizer = Tokenizer(self.path)
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise ModelError(f"{self.path}: tokenizer.json has {self.tokenizer.vocab_size} tokens but config.json's "
+                             f"vocab_size is {self.config.vocab_size}")
         self.stop_ids = self._stop_ids()
         self.last_stats = GenerationStats()
         self._cache: KVCache | None = None
 
     def _stop_ids(self) -> set[int]:
-        import json
-
         ids = set(self.config.eos_token_ids)
         gen_cfg = self.path / "generation_config.json"
         if gen_cfg.exists():
-            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            eos = read_json(gen_cfg).get("eos_token_id")
             ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         eos_tok = self.tokenizer.token_id(self.tokenizer.eos_token)
         if eos_tok is not None:
@@ -67,13 +69,13 @@ class Model:
     # -- logits ---------------------------------------------------------------------------------
     def logits(self, ids) -> np.ndarray:
         """Logits (len(ids), vocab), float32: one full forward pass over `ids`, no cache."""
-        self._check_fits(len(ids))
+        self._check_ids(ids)
         return self.transformer.forward(ids)
 
     def prefill(self, ids) -> np.ndarray:
         """Start a new sequence: run `ids` through the model, keeping their keys/values in the cache.
         Returns their logits (len(ids), vocab); the same numbers `logits(ids)` gives."""
-        self._check_fits(len(ids))
+        self._check_ids(ids)
         self._cache = self.transformer.new_cache()
         return self.transformer.forward(ids, 0, self._cache)
 
@@ -81,16 +83,25 @@ class Model:
         """Append one token to the sequence started by `prefill`; returns its logits (vocab,)."""
         if self._cache is None:
             raise TinyLLMError("step() needs a sequence: call prefill() first")
+        self._check_ids([token_id], what="token id")
         pos = self._cache.length
         if pos >= self._cache.max_len:
             raise ContextError(f"the sequence has reached the model's context of {self._cache.max_len} tokens")
         return self.transformer.forward([token_id], pos, self._cache)[0]
 
-    def _check_fits(self, n: int):
+    def _check_ids(self, ids, what: str = "the prompt"):
+        """Token ids must index the embedding table (a compiled gather does not check), and fit the context."""
+        n = len(ids)
         if n == 0:
-            raise TinyLLMError("the prompt is empty: no tokens to run")
+            raise TinyLLMError(f"{what} is empty: no tokens to run")
         if n > self.config.max_seq_len:
-            raise ContextError(f"the prompt has {n} tokens; the model's context is {self.config.max_seq_len}")
+            raise ContextError(f"{what} has {n} tokens; the model's context is {self.config.max_seq_len}")
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise TinyLLMError(f"{what} must be a list of integer token ids")
+        bad = arr[(arr < 0) | (arr >= self.config.vocab_size)]
+        if bad.size:
+            raise TinyLLMError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
     # -- text -----------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
@@ -101,7 +112,8 @@ class Model:
             # The rendered template carries its own BOS text where the model wants one, so no second BOS.
             return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
         if system is not None:
-            raise TinyLLMError("a system message needs the chat template (drop --raw, or drop --system)")
+            raise TinyLLMError("a system message needs the chat template" + (
+                " (drop --raw, or drop --system)" if self.tokenizer.chat_template else ", and this model has none"))
         return self.tokenizer.encode_prompt(prompt)
 
     def generate(self, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
@@ -123,8 +135,8 @@ class Model:
                      top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
         """The token-level generator under `generate`: yields new token ids for prompt ids `ids`
         (the end-of-sequence token that stops it is not yielded)."""
-        _check_sampling(max_new_tokens, temperature, top_k, top_p)
-        self._check_fits(len(ids))
+        _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+        self._check_ids(ids)
         self.last_stats = GenerationStats()
         return generate_tokens(self.transformer, list(ids), max_new_tokens,
                                Sampling(temperature, top_k, top_p, seed), self.stop_ids, self.last_stats)
@@ -143,13 +155,15 @@ class Model:
                           ContextLimitWarning, stacklevel=2)
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p):
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed=None):
     if max_new_tokens < 0:
         raise TinyLLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not temperature >= 0:
         raise TinyLLMError(f"temperature must be >= 0, got {temperature}")
     if top_k < 0:
         raise TinyLLMError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if seed is not None and seed < 0:
+        raise TinyLLMError(f"seed must be >= 0, got {seed}")
     if not 0 < top_p <= 1:
         raise TinyLLMError(f"top_p must be in (0, 1], got {top_p}")
 

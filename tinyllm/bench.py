@@ -90,13 +90,12 @@ def machine_info(threads: int | None) -> dict:
 
 def worker(model_path: str | None, spec: str, prompt_tokens: int, new_tokens: int, plugins: list[str]) -> None:
     """Load the model with schedule `spec`, warm up, then answer the parent's commands."""
-    rss_imports = rss_mib()
-    t0 = time.perf_counter()
-    import tinyllm
+    import tinyllm  # already imported by `python -m tinyllm.bench`, with NumPy and Numba
     from tinyllm.schedule import load_plugins
 
     load_plugins(plugins)
-    rss_imports = max(rss_imports, rss_mib())
+    rss_imports = rss_mib()
+    t0 = time.perf_counter()
     model = tinyllm.load(model_path, ops=spec, progress=False)
     load_s = time.perf_counter() - t0
     model.stop_ids = set()  # EOS ignored: every round decodes exactly `new_tokens`

@@ -1,4 +1,4 @@
-"""The command line: `python -m tinyllm generate|pull ...` (also installed as `tinyllm`)."""
+"""The command line: `python -m tinyllm generate|pull|ops|check|bench ...` (also installed as `tinyllm`)."""
 from __future__ import annotations
 
 import argparse
@@ -21,12 +21,15 @@ def main(argv=None) -> int:
     except TinyLLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file we could not read or write: say which, in one line
+        if isinstance(e, BrokenPipeError):
+            sys.stderr.close()
+            return 0
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `tinyllm generate ... | head` closed the pipe: not an error of ours
-        sys.stderr.close()
-        return 0
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -106,10 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark schedules side by side: each in its own process, rounds alternating between them "
         "(A B A B ...) after a warm-up, reporting the median (min-max) of prefill tokens/s on a 128-token prompt, "
         "decode tokens/s over 128 new tokens (greedy, batch 1, EOS ignored), time to first token, load time, and "
-        "memory: weights = RSS after loading and preparing minus RSS after imports; peak = the process's peak RSS.")
+        "memory: weights = RSS after loading, preparing and a short warm-up (weights are memory-mapped, so only "
+        "pages that were read count) minus RSS after imports; peak = the process's peak RSS.")
     _add_model_args(b, ops=False)
     b.add_argument("--ops", action="append", metavar="SPEC",
-                   help="a schedule to measure (repeatable; default: every preset). " + SPEC_HELP)
+                   help="a schedule to measure, e.g. fused or fused,attention=reference (repeatable; default: every "
+                   "preset; `tinyllm ops` lists the names)")
     b.add_argument("--rounds", type=int, default=3, metavar="N", help="timed runs per schedule (default 3)")
     b.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default 128)")
     b.add_argument("--new-tokens", type=int, default=128, metavar="N", help="tokens to decode (default 128)")
@@ -178,10 +183,15 @@ def cmd_ops(args) -> int:
             names.append(f"{mark}{var_name}{fmt}{extra}")
         rules = {str(v.comparison()) for v in VARIANTS[name].values()}
         label = f"{name} ({' → '.join(op.composite)})" if op.is_composite else name
+        if op.inside:  # checked like any op, but the model calls the op that contains it
+            label += f" (inside {op.inside})"
         rows.append((label, "  ".join(names), "; ".join(sorted(rules))))
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     for r in rows:
         print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}")
+    if any(op.inside for op in OPS.values()):
+        print("\n(inside X): a building block of X's reference; the model calls X, so scheduling it alone "
+              "changes nothing: a variant of X uses its own")
     if args.verbose:
         print("\nwhy the tolerances:")
         for name, op in OPS.items():
@@ -227,17 +237,20 @@ def cmd_bench(args) -> int:
     from .pull import default_model_dir, is_model_dir, pull
     from .schedule import PRESETS, parse
 
-    for name, value in [("--rounds", args.rounds), ("--prompt-tokens", args.prompt_tokens),
-                        ("--new-tokens", args.new_tokens), ("--threads", args.threads or 1)]:
-        if value < 1:
-            raise TinyLLMError(f"{name} must be at least 1, got {value}")
+    for name, value, least in [("--rounds", args.rounds, 1), ("--prompt-tokens", args.prompt_tokens, 1),
+                               ("--new-tokens", args.new_tokens, 2),  # decode speed needs a step after the first
+                               ("--threads", 1 if args.threads is None else args.threads, 1)]:
+        if value < least:
+            raise TinyLLMError(f"{name} must be at least {least}, got {value}")
     specs = args.ops or list(PRESETS)
     for spec in specs:
         parse(spec)  # a bad spec fails here, in one line, before any child starts
     model = args.model
     if model is None and not is_model_dir(default_model_dir()):
         model = str(pull())
-    plugins = (args.plugin or [])
+    from .schedule import plugins_from_env
+
+    plugins = plugins_from_env() + (args.plugin or [])  # each child loads them again
     engines = [bench.tinyllm_engine(s, model, args.prompt_tokens, args.new_tokens, plugins) for s in specs]
     bench.run(engines, rounds=args.rounds, threads=args.threads, profile=args.profile,
               log=lambda m: print(m, file=sys.stderr))

@@ -42,8 +42,11 @@ class Config:
             rope = d.get("rope_parameters") or {}
             theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
             scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-            if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling is not None else "default"
+            if kind == "default":
                 scaling = None
+            elif kind not in ("linear", "llama3"):  # what ops.rope.rope_inv_freq implements
+                raise ModelError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
             eos = d.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             return cls(
@@ -62,20 +65,23 @@ class Config:
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ModelError(f"config.json is missing or has a bad value for {e}") from None
 
     @classmethod
     def from_dir(cls, path: Path) -> "Config":
         file = Path(path) / "config.json"
-        try:
-            d = json.loads(file.read_text())
-        except FileNotFoundError:
-            raise ModelError(f"{path} is not a model directory: it has no config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelError(f"{file} is not valid JSON: {e}") from None
-        if d.get("rope_scaling") and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) not in (
-            "default", "linear", "llama3"
-        ):
-            raise ModelError(f"rope scaling {d['rope_scaling']} is not supported (default, linear, llama3)")
-        return cls.from_dict(d)
+        if not file.exists():
+            raise ModelError(f"{path} is not a model directory: it has no config.json")
+        return cls.from_dict(read_json(file))
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from a model directory's file, or a one-line ModelError naming the file."""
+    try:
+        d = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ModelError(f"{file} must hold a JSON object, not a {type(d).__name__}")
+    return d

@@ -17,8 +17,13 @@ def write_text_atomic(path, text: str) -> Path:
         raise TinyLLMError(f"cannot write {path}: directory {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a result file should not be
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it takes the real name
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

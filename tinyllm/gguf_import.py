@@ -247,6 +247,14 @@ def _build_tokenizer(fields: dict):
     tok.pre_tokenizer = _pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"), pre_tokenizers)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    bos_id = fields.get("tokenizer.ggml.bos_token_id")
+    if fields.get("tokenizer.ggml.add_bos_token", False) and bos_id is not None and 0 <= int(bos_id) < len(tokens):
+        # the model wants BOS in front of a raw prompt: the tokenizer adds it when asked for special tokens
+        bos = tokens[int(bos_id)]
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                          special_tokens=[(bos, int(bos_id))])])
 
     # Control tokens (<|im_start|>, ...) and user-defined tokens are matched as
     # whole strings before BPE runs, the way llama.cpp matches them; they keep

@@ -31,6 +31,8 @@ def _read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
             raise ModelError(f"{path} is not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{path} is not a safetensors file (bad header)")
     header.pop("__metadata__", None)
     return header, 8 + n
 
@@ -43,15 +45,18 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     out = {}
     for name, info in header.items():
-        dtype = _DTYPES.get(info["dtype"])
+        try:
+            dtype_name, (begin, end), shape = info["dtype"], info["data_offsets"], [int(n) for n in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{path}: the header entry of tensor {name} is malformed") from None
+        dtype = _DTYPES.get(dtype_name)
         if dtype is None:
-            raise ModelError(f"{path}: tensor {name} has dtype {info['dtype']}; tinyllm reads F32, F16, BF16")
-        begin, end = info["data_offsets"]
+            raise ModelError(f"{path}: tensor {name} has dtype {dtype_name}; tinyllm reads F32, F16, BF16, F64")
         count = (end - begin) // np.dtype(dtype).itemsize
-        if data_start + end > len(mapped) or count != int(np.prod(info["shape"])):
+        if not 0 <= begin <= end or data_start + end > len(mapped) or count != int(np.prod(shape)):
             raise ModelError(f"{path}: tensor {name} does not fit its byte range (truncated file?)")
-        raw = np.frombuffer(mapped, dtype=dtype, count=count, offset=data_start + begin).reshape(info["shape"])
-        if info["dtype"] == "BF16":
+        raw = np.frombuffer(mapped, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
+        if dtype_name == "BF16":
             out[name] = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
             out[name] = raw.astype(np.float32, copy=False)  # F32: the mapped bytes themselves
@@ -63,7 +68,11 @@ def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        from .config import read_json
+
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ModelError(f"{index} has no valid weight_map")
         files = sorted(set(weight_map.values()))
     elif (model_dir / "model.safetensors").exists():
         files = ["model.safetensors"]
@@ -71,8 +80,8 @@ def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
         raise ModelError(f"{model_dir} has no model.safetensors (nor model.safetensors.index.json)")
     weights = {}
     for name in files:
-        if not (model_dir / name).exists():
-            raise ModelError(f"{model_dir}: shard {name} listed in the index is missing")
+        if "/" in name or "\\" in name or name.startswith(".") or not (model_dir / name).exists():
+            raise ModelError(f"{model_dir}: shard {name} listed in the index is missing (or not a plain file name)")
         weights.update(read_safetensors(model_dir / name))
     return weights
 

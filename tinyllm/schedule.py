@@ -13,6 +13,7 @@ those whose preparation changes) and hands the model the op table to call.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -147,20 +148,27 @@ def apply(transformer, schedule: Schedule) -> None:
     when the variant that reads it (or, inside an unfused composite, the `linear` variant) changes.
     """
     linear = get_variant("linear", schedule.choice["linear"])
+    changes = []  # prepared first, installed after: a failing prepare step leaves the model as it was
     for site in transformer.weight_sites:
         v = get_variant(site.op, schedule.choice[site.op])
         key = (v.name, linear.name) if v.name == COMPOSED else (v.name,)
         if site.key != key:
-            prepared = prepare_argument(site.op, v, linear, site.raw)
-            setattr(site.owner, site.attr, prepared)
-            site.key = key
-            # Raw tensors the prepared value no longer contains leave resident memory (they stay
-            # mapped from the file, so preparing them again later reads them back).
-            kept = {id(a) for a in _arrays(prepared)}
-            for a in _arrays(site.raw):
-                if id(a) not in kept:
-                    release_pages(a)
-    transformer.ops = schedule.table()
+            try:
+                changes.append((site, key, prepare_argument(site.op, v, linear, site.raw)))
+            except Exception as e:  # a plugin's prepare step may fail in any way
+                who = f"{v.label} (its projections by {linear.label})" if v.name == COMPOSED else v.label
+                raise ScheduleError(f"preparing weights for {who} failed: {type(e).__name__}: {e}") from None
+    table = schedule.table()
+    for site, key, prepared in changes:
+        setattr(site.owner, site.attr, prepared)
+        site.key = key
+        # Raw tensors the prepared value no longer contains leave resident memory (they stay
+        # mapped from the file, so preparing them again later reads them back).
+        kept = {id(a) for a in _arrays(prepared)}
+        for a in _arrays(site.raw):
+            if id(a) not in kept:
+                release_pages(a)
+    transformer.ops = table
 
 
 def _arrays(value) -> list:
@@ -183,7 +191,9 @@ def load_plugins(modules) -> list[str]:
                 path = Path(spec)
                 if not path.is_file():
                     raise ScheduleError(f"plugin file {spec} does not exist")
-                name = f"tinyllm_plugin_{path.stem}"
+                # one module per file, whatever its name: two plugins may both be called my_variants.py
+                digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+                name = f"tinyllm_plugin_{path.stem}_{digest}"
                 if name not in sys.modules:
                     module_spec = importlib.util.spec_from_file_location(name, path)
                     module = importlib.util.module_from_spec(module_spec)

@@ -1,10 +1,10 @@
 """Text <-> token ids with the `tokenizers` library, the chat template, and streaming detokenization."""
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 
+from .config import read_json
 from .errors import ModelError, TinyLLMError
 
 
@@ -21,7 +21,7 @@ class Tokenizer:
         except Exception as e:  # the library raises a bare Exception for missing or malformed files
             raise ModelError(f"cannot read {model_dir / 'tokenizer.json'}: {e}") from None
         cfg_file = model_dir / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        cfg = read_json(cfg_file) if cfg_file.exists() else {}
         self.chat_template: str | None = cfg.get("chat_template")
         if isinstance(self.chat_template, list):  # some configs hold several named templates
             named = {t["name"]: t["template"] for t in self.chat_template}
