@@ -159,6 +159,7 @@ import math  # noqa: E402
 
 from .jit import FEW_ROWS, NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
 from .registry import variant  # noqa: E402
+from .norm import rmsnorm_rows  # noqa: E402
 from .rope import rope_kernel  # noqa: E402
 
 _NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
@@ -453,7 +454,8 @@ def qkv_rope_prefill(x, w, cos, sin, eps):
     and BLAS is the right tool; we fuse around it: the norm (NumPy, float32), one matmul for Q, K and
     V together, the bias, and RoPE applied in place on the Q and K columns by the compiled kernel."""
     T, d, n_q, n_kv = x.shape[0], 2 * cos.shape[1], w.n_q, w.n_kv
-    h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * w.norm
+    h = np.empty_like(x)
+    rmsnorm_rows(x, w.norm, np.float32(eps), h)
     qkv = h @ w.wqkv.T  # (T, rows): one sgemm
     if w.bqkv is not None:
         qkv += w.bqkv
