@@ -37,6 +37,7 @@ def gather_rows(table, ids, out):
 
 @variant("embedding", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
 def embedding_numba(table, ids):
+    """A compiled row gather (the caller has checked the ids: it does not bounds-check)."""
     out = np.empty((ids.shape[0], table.shape[1]), dtype=table.dtype)
     gather_rows(table, ids, out)
     return out

@@ -92,6 +92,7 @@ def silu_rows(x, out):
 
 @variant("silu", "numba", **NUMBA)
 def silu_numba(x):
+    """silu elementwise in one compiled loop: no temporaries for exp(-x) and 1 + exp(-x)."""
     out = np.empty_like(x)
     silu_rows(x, out)
     return out
@@ -106,6 +107,7 @@ def swiglu_rows(gate, up, out):
 
 @variant("swiglu", "numba", **NUMBA)
 def swiglu_numba(gate, up):
+    """silu(gate) * up in one compiled loop: one pass, no temporary arrays."""
     out = np.empty_like(gate)
     swiglu_rows(gate, up, out)
     return out

@@ -88,6 +88,7 @@ def first_max(x):
 
 @variant("argmax", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
 def argmax_numba(logits):
+    """One compiled pass keeping the first maximum."""
     return int(first_max(logits))
 
 
@@ -98,6 +99,7 @@ draw_token_numba = njit(fastmath=False)(draw_token)
 
 @variant("sample", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
 def sample_numba(logits, temperature, top_k, top_p, u):
+    """The reference's draw, compiled without fastmath: bit-exact, without the Python overhead."""
     if temperature <= 0:
         return argmax_numba(logits)
     return int(draw_token_numba(logits, float(temperature), int(top_k), float(top_p), float(u)))

@@ -190,6 +190,9 @@ class Engine:
     peak_rss_mib: float = 0.0
     profile: list | None = None
 
+    def median(self, key: str) -> float:
+        return statistics.median(r[key] for r in self.runs)
+
     def start(self, env):
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.ready = self.receive()
@@ -253,24 +256,21 @@ def run(engines: list[Engine], *, rounds: int, threads: int | None, profile: boo
 
 
 def summary(e: Engine) -> dict:
-    def med(key):
-        return statistics.median(r[key] for r in e.runs)
-
-    return {"ops": e.name, "prefill_tok_s": med("prefill_tok_s"), "decode_tok_s": med("decode_tok_s"),
-            "ttft_s": med("ttft_s"), "load_s": e.ready["load_s"], "weights_rss_mib": e.ready["weights_rss_mib"],
+    return {"ops": e.name, "prefill_tok_s": e.median("prefill_tok_s"), "decode_tok_s": e.median("decode_tok_s"),
+            "ttft_s": e.median("ttft_s"), "load_s": e.ready["load_s"], "weights_rss_mib": e.ready["weights_rss_mib"],
             "peak_rss_mib": e.peak_rss_mib, "runs": e.runs}
 
 
 def format_table(engines: list[Engine]) -> str:
     def span(e, key, fmt):
         values = [r[key] for r in e.runs]
-        return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+        return f"{fmt.format(e.median(key))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
     header = ("ops", "prefill tok/s", "decode tok/s", "ttft ms", "load s", "weights MiB", "peak MiB")
     rows = [header]
     for e in engines:
         rows.append((e.name, span(e, "prefill_tok_s", "{:.0f}"), span(e, "decode_tok_s", "{:.1f}"),
-                     f"{statistics.median(r['ttft_s'] for r in e.runs) * 1e3:.0f}", f"{e.ready['load_s']:.2f}",
+                     f"{e.median('ttft_s') * 1e3:.0f}", f"{e.ready['load_s']:.2f}",
                      f"{e.ready['weights_rss_mib']:.0f}", f"{e.peak_rss_mib:.0f}"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
     lines = ["  ".join(f"{str(c):<{w}}" if i == 0 else f"{str(c):>{w}}" for i, (c, w) in enumerate(zip(r, widths)))
@@ -278,8 +278,10 @@ def format_table(engines: list[Engine]) -> str:
     out = "\n".join(lines)
     base = engines[0]
     if len(engines) > 1:
-        ratios = [f"{e.name}: decode {statistics.median(r['decode_tok_s'] for r in e.runs) / statistics.median(r['decode_tok_s'] for r in base.runs):.2f}x, "
-                  f"prefill {statistics.median(r['prefill_tok_s'] for r in e.runs) / statistics.median(r['prefill_tok_s'] for r in base.runs):.2f}x"
+        def ratio(e, key):
+            return f"{e.median(key) / base.median(key):.2f}x" if base.median(key) else "n/a"
+
+        ratios = [f"{e.name}: decode {ratio(e, 'decode_tok_s')}, prefill {ratio(e, 'prefill_tok_s')}"
                   for e in engines[1:]]
         out += f"\n\nrelative to {base.name} (medians, same run): " + "; ".join(ratios)
     return out

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         "a variant's output must meet against the NumPy reference. Composite ops run their steps as the "
         "scheduled primitive ops (`composed`) unless a fused variant is chosen.")
     o.add_argument("--ops", metavar="SPEC", default=None, help=SPEC_HELP)
-    o.add_argument("-v", "--verbose", action="store_true", help="also say why each tolerance is what it is")
+    o.add_argument("-v", "--verbose", action="store_true",
+                   help="also say why each tolerance is what it is, and what each variant is")
     o.set_defaults(run=cmd_ops)
 
     c = sub.add_parser(
@@ -197,6 +198,10 @@ def cmd_ops(args) -> int:
         for name, op in OPS.items():
             if op.rule.why:
                 print(f"  {name}: {op.rule.why}")
+        print("\nwhat each variant is (its docstring's first line; the code is in the module named):")
+        for name in OPS:
+            for v in VARIANTS[name].values():
+                print(f"  {v.label:<24} {v.source:<14} {v.doc}")
     return 0
 
 

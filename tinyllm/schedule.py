@@ -102,17 +102,23 @@ def parse(spec=None) -> Schedule:
     return Schedule(text, choice)
 
 
+def _op_variant(item: str) -> tuple[str, str]:
+    """`op=variant` -> (op, variant name as registered), or a one-line ScheduleError."""
+    op_name, _, var_name = (s.strip() for s in item.partition("="))
+    if op_name not in OPS:
+        raise ScheduleError(f"unknown op {op_name!r} in {item!r}; ops are: {', '.join(OPS)}")
+    try:
+        return op_name, get_variant(op_name, var_name).name
+    except RegistryError as e:
+        raise ScheduleError(str(e)) from None
+
+
 def _choice_from_items(items: list[str]) -> dict[str, str]:
     choice = {name: default_variant(name) for name in OPS}
     for item in items:
         if "=" in item:
-            op_name, _, var_name = (s.strip() for s in item.partition("="))
-            if op_name not in OPS:
-                raise ScheduleError(f"unknown op {op_name!r} in {item!r}; ops are: {', '.join(OPS)}")
-            try:
-                choice[op_name] = get_variant(op_name, var_name).name
-            except RegistryError as e:
-                raise ScheduleError(str(e)) from None
+            op_name, var_name = _op_variant(item)
+            choice[op_name] = var_name
         elif item in PRESETS:
             choice.update(PRESETS[item])
         else:
@@ -230,16 +236,11 @@ def check_selection(selection: str | None) -> list[tuple[str, str]]:
     pairs = []
     for item in (s.strip() for s in selection.split(",")):
         if "=" in item:
-            op_name, _, var_name = (s.strip() for s in item.partition("="))
-            try:
-                pairs.append((op_name, get_variant(op_name, var_name).name))
-            except RegistryError as e:
-                raise ScheduleError(str(e)) from None
+            pairs.append(_op_variant(item))
         elif item in OPS:
             pairs += non_reference(item) or [(item, default_variant(item))]
-        elif item in PRESETS:
-            choice = _choice_from_items([item])
-            pairs += [(o, v) for o, v in choice.items() if v != default_variant(o)]
+        elif item in PRESETS:  # a preset only lists what differs from the references
+            pairs += [(o, v) for o, v in PRESETS[item].items() if v != default_variant(o)]
         else:
             raise ScheduleError(f"{item!r} is neither an op, op=variant, nor a preset; ops: {', '.join(OPS)}; "
                                 f"presets: {', '.join(PRESETS)}")
