@@ -27,13 +27,16 @@ class ContextLimitWarning(UserWarning):
 class Model:
     """A loaded model: the transformer, its tokenizer, and a KV cache for `prefill`/`step`."""
 
-    def __init__(self, path: Path, ops=None):
+    def __init__(self, path: Path, ops=None, check_numerics: bool = False):
         self.path = Path(path)
+        if self.path.is_file():
+            raise ModelError(f"model directory {self.path} is a file; give the directory that holds config.json")
         if not self.path.is_dir():
             raise ModelError(f"model directory {self.path} does not exist")
         self.schedule = scheduling.parse(ops)  # validated before the weights are read
-        self.transformer = Transformer.from_dir(self.path)
-        scheduling.apply(self.transformer, self.schedule)
+        self.check_numerics = check_numerics
+        self.transformer = Transformer.from_dir(self.path, check_numerics=check_numerics)
+        scheduling.apply(self.transformer, self.schedule, check_numerics)
         self.config = self.transformer.cfg
         self.tokenizer = Tokenizer(self.path)
         if self.tokenizer.vocab_size > self.config.vocab_size:
@@ -63,7 +66,7 @@ class Model:
     def use(self, ops) -> None:
         """Switch the whole schedule (a preset, spec string or dict)."""
         new = scheduling.parse(ops)
-        scheduling.apply(self.transformer, new)
+        scheduling.apply(self.transformer, new, self.check_numerics)
         self.schedule = new
 
     # -- logits ---------------------------------------------------------------------------------
@@ -125,6 +128,10 @@ class Model:
         Stops at an end-of-sequence token, after `max_new_tokens`, or at the context limit (with a
         ContextLimitWarning). Statistics of the run land in `self.last_stats`.
         """
+        if not isinstance(prompt, str):
+            raise TinyLLMError(f"the prompt must be a string, not {type(prompt).__name__}")
+        if not prompt:
+            raise TinyLLMError("the prompt is empty: give some text to continue")
         ids = self.prompt_ids(prompt, chat=chat, system=system)
         tokens = self.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, seed=seed)
@@ -156,6 +163,13 @@ class Model:
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed=None):
+    integers = {"max_new_tokens": max_new_tokens, "top_k": top_k, **({} if seed is None else {"seed": seed})}
+    for name, value in integers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TinyLLMError(f"{name} must be an integer, got {value!r}")
+    for name, value in {"temperature": temperature, "top_p": top_p}.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TinyLLMError(f"{name} must be a number, got {value!r}")
     if max_new_tokens < 0:
         raise TinyLLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not temperature >= 0:
@@ -168,13 +182,16 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed=None):
         raise TinyLLMError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def load(path: str | Path | None = None, ops=None, progress: bool = True) -> Model:
+def load(path: str | Path | None = None, ops=None, progress: bool = True, check_numerics: bool = False) -> Model:
     """Load a Hugging Face-layout Llama model directory; `path=None` means the default model,
-    pulled (downloaded and converted) first if it is not there yet."""
+    pulled (downloaded and converted) first if it is not there yet.
+
+    `check_numerics=True` refuses weights holding NaN/Inf and checks every op's output, raising a
+    NumericsError that names the first op and layer to produce NaN/Inf (slower; off by default)."""
     if path is None:
         from .pull import default_model_dir, is_model_dir, pull
 
         path = default_model_dir()
         if not is_model_dir(path):
             path = pull(progress=progress)
-    return Model(Path(path), ops=ops)
+    return Model(Path(path), ops=ops, check_numerics=check_numerics)

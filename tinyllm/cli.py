@@ -36,14 +36,22 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors shaped like ours: one usage line, then one `error:` line, exit 2."""
+
+    def error(self, message):
+        print(" ".join(self.format_usage().split()), file=sys.stderr)  # the usage, unwrapped to one line
+        self.exit(2, f"error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tinyllm", description="A small, readable LLM inference engine in NumPy.",
         epilog="Run `tinyllm COMMAND --help` for the options of each command.")
     parser.add_argument("--version", action="version", version=f"tinyllm {__version__}")
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     # Every command accepts --plugin: a user's variants are listed, checked and run like ours.
-    plugin = argparse.ArgumentParser(add_help=False)
+    plugin = _Parser(add_help=False)
     plugin.add_argument("--plugin", action="append", metavar="MODULE",
                         help="import MODULE (a dotted name or a .py file) first, so the variants it registers "
                         "can be used; repeatable; $TINYLLM_PLUGINS adds a comma-separated list")
@@ -66,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", metavar="TEXT", help="the system message for the chat template")
     g.add_argument("--stats", action="store_true",
                    help="print token counts, time to first token and tokens/s to stderr")
+    g.add_argument("--check-numerics", action="store_true",
+                   help="refuse weights holding NaN/Inf, and check every op's output: the first op to produce "
+                   "NaN/Inf is an error naming it and its layer (slower; for debugging variants)")
     g.set_defaults(run=cmd_generate)
 
     p = sub.add_parser(
@@ -142,7 +153,7 @@ def _add_model_args(p, ops=True):
 def cmd_generate(args) -> int:
     from .api import load
 
-    model = load(args.model, ops=args.ops)
+    model = load(args.model, ops=args.ops, check_numerics=args.check_numerics)
     pieces = model.generate(
         args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, chat=not args.raw, system=args.system, stream=True)

@@ -15,3 +15,11 @@ class PullError(TinyLLMError):
 
 class ContextError(TinyLLMError):
     """A prompt does not fit in the model's context window."""
+
+
+class NumericsError(TinyLLMError):
+    """With numerics checking on: an op produced NaN or Inf, or a checkpoint holds them."""
+
+
+class ModelWarning(UserWarning):
+    """A model loads, but something in its files looks wrong (unused tensors, NaN/Inf weights)."""

@@ -10,52 +10,95 @@ bfloat16: a bf16 value is the top half of a float32, so we widen it with a 16-bi
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelError
+from .errors import ModelError, ModelWarning, NumericsError
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
+def _read_header(path: Path, file_size: int) -> tuple[dict, int]:
+    """The JSON header (tensor name -> entry) and the offset where the tensor data starts."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise ModelError(f"{path} is not a safetensors file (too short)")
+            raise ModelError(f"{path} is not a safetensors file: {file_size} bytes is too short for a header")
         (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
-            raise ModelError(f"{path} is not a safetensors file (bad header)") from None
+        # Checked before reading: a corrupt length field must never make us allocate n bytes.
+        if n > file_size - 8:
+            raise ModelError(f"{path}: the header length ({n} bytes) runs past the end of the file "
+                             f"({file_size} bytes; truncated or not a safetensors file?)")
+        text = f.read(n)
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, or nesting too deep to parse
+        raise ModelError(f"{path}: the header is not valid JSON (not a safetensors file?)") from None
     if not isinstance(header, dict):
-        raise ModelError(f"{path} is not a safetensors file (bad header)")
+        raise ModelError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
     return header, 8 + n
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file as float32 NumPy arrays (HF names -> arrays)."""
-    header, data_start = _read_header(path)
-    with open(path, "rb") as f:
-        # The map outlives the file object: every array made from it keeps a reference to it.
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    out = {}
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0  # not bool, not float: JSON 2.0 or true is no size
+
+
+def _tensor_entries(path: Path, header: dict, data_size: int) -> list[tuple]:
+    """Each tensor's (name, dtype name, shape, begin, end), checked against the data section:
+    a known dtype, a byte range inside the file whose length is dtype size x elements, no overlaps."""
+    entries = []
     for name, info in header.items():
         try:
-            dtype_name, (begin, end), shape = info["dtype"], info["data_offsets"], [int(n) for n in info["shape"]]
+            dtype_name, offsets, shape = info["dtype"], info["data_offsets"], info["shape"]
+            begin, end = offsets
+            if not (isinstance(dtype_name, str) and isinstance(shape, list) and all(map(_is_count, shape))
+                    and _is_count(begin) and _is_count(end)):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path}: the header entry of tensor {name} is malformed") from None
-        dtype = _DTYPES.get(dtype_name)
-        if dtype is None:
-            raise ModelError(f"{path}: tensor {name} has dtype {dtype_name}; tinyllm reads F32, F16, BF16, F64")
-        count = (end - begin) // np.dtype(dtype).itemsize
-        if not 0 <= begin <= end or data_start + end > len(mapped) or count != int(np.prod(shape)):
-            raise ModelError(f"{path}: tensor {name} does not fit its byte range (truncated file?)")
-        raw = np.frombuffer(mapped, dtype=dtype, count=count, offset=data_start + begin).reshape(shape)
+            raise ModelError(f"{path}: the header entry of tensor {name} is malformed "
+                             f"(needs dtype, shape and data_offsets [begin, end])") from None
+        if dtype_name not in _DTYPES:
+            raise ModelError(f"{path}: tensor {name} has dtype {dtype_name}; tinyllm reads {', '.join(_DTYPES)}")
+        needed = math.prod(shape) * np.dtype(_DTYPES[dtype_name]).itemsize
+        if end - begin != needed:
+            raise ModelError(f"{path}: tensor {name} has data_offsets [{begin}, {end}] ({end - begin} bytes) but "
+                             f"dtype {dtype_name} x shape {shape} needs {needed} bytes")
+        if end > data_size:
+            raise ModelError(f"{path}: tensor {name}'s data (bytes {begin}..{end}) runs past the end of the file "
+                             f"({data_size} bytes of data; truncated?)")
+        entries.append((name, dtype_name, shape, begin, end))
+    by_start = sorted((e for e in entries if e[4] > e[3]), key=lambda e: e[3])  # empty tensors overlap nothing
+    for a, b in zip(by_start, by_start[1:]):
+        if b[3] < a[4]:
+            raise ModelError(f"{path}: tensors {a[0]} and {b[0]} overlap (bytes {b[3]}..{a[4]})")
+    return entries
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as float32 NumPy arrays (HF names -> arrays).
+    Anything malformed is a ModelError naming the file and the tensor."""
+    try:
+        file_size = Path(path).stat().st_size
+        header, data_start = _read_header(path, file_size)
+        entries = _tensor_entries(path, header, file_size - data_start)
+        if not entries:
+            return {}
+        with open(path, "rb") as f:
+            # The map outlives the file object: every array made from it keeps a reference to it.
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
+    out = {}
+    for name, dtype_name, shape, begin, end in entries:
+        dtype = np.dtype(_DTYPES[dtype_name])
+        raw = np.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                            offset=data_start + begin).reshape(shape)
         if dtype_name == "BF16":
             out[name] = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
@@ -63,8 +106,16 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a model directory: `model.safetensors`, or the shards an index file lists."""
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN and no Inf in `array`. max and min propagate NaN and reach +-Inf if present, and unlike
+    np.isfinite(array).all() they allocate nothing: this runs over every weight at load."""
+    return array.size == 0 or bool(np.isfinite(array.max()) and np.isfinite(array.min()))
+
+
+def load_weights(model_dir: Path, check_numerics: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor of a model directory: `model.safetensors`, or the shards an index file lists.
+
+    Tensors holding NaN or Inf are a warning (a ModelWarning), or with `check_numerics` an error."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
@@ -74,15 +125,24 @@ def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ModelError(f"{index} has no valid weight_map")
         files = sorted(set(weight_map.values()))
+        for name in files:
+            if "/" in name or "\\" in name or name.startswith(".") or not (model_dir / name).is_file():
+                raise ModelError(f"{index}: shard {name} listed in the index is missing (or not a plain file name)")
     elif (model_dir / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
         raise ModelError(f"{model_dir} has no model.safetensors (nor model.safetensors.index.json)")
     weights = {}
     for name in files:
-        if "/" in name or "\\" in name or name.startswith(".") or not (model_dir / name).exists():
-            raise ModelError(f"{model_dir}: shard {name} listed in the index is missing (or not a plain file name)")
-        weights.update(read_safetensors(model_dir / name))
+        tensors = read_safetensors(model_dir / name)
+        bad = [t for t, value in tensors.items() if not all_finite(value)]
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            message = f"{model_dir / name}: tensor {bad[0]}{more} holds NaN or Inf values"
+            if check_numerics:
+                raise NumericsError(message + "; --check-numerics refuses to load it")
+            warnings.warn(message, ModelWarning, stacklevel=2)
+        weights.update(tensors)
     return weights
 
 

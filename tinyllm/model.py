@@ -18,6 +18,7 @@ of what it returns.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from ops.registry import OpTable, Weights, reference_table
 from ops.rope import rope_inv_freq, rope_tables
 
 from .config import Config
-from .errors import ModelError
+from .errors import ModelError, ModelWarning
 from .loading import load_weights
 
 
@@ -113,8 +114,10 @@ class Transformer:
         w.pop("model.rotary_emb.inv_freq", None)
         for i in range(cfg.n_layers):
             w.pop(f"model.layers.{i}.self_attn.rotary_emb.inv_freq", None)
-        if w:
-            raise ModelError(f"the checkpoint has tensors this Llama model does not use: {sorted(w)[:5]}")
+        if w:  # e.g. a checkpoint saved with extra heads: runnable, but worth knowing about
+            more = f" and {len(w) - 5} more" if len(w) > 5 else ""
+            warnings.warn(f"ignoring {len(w)} tensor(s) of the checkpoint that this Llama model does not use: "
+                          f"{', '.join(sorted(w)[:5])}{more}", ModelWarning, stacklevel=2)
         try:
             inv_freq = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling)
         except (ValueError, KeyError) as e:
@@ -128,9 +131,9 @@ class Transformer:
         self.weight_sites.append(WeightSite("norm_head", self, "head", self.head))
 
     @classmethod
-    def from_dir(cls, path: Path, ops: OpTable | None = None) -> "Transformer":
+    def from_dir(cls, path: Path, ops: OpTable | None = None, check_numerics: bool = False) -> "Transformer":
         cfg = Config.from_dir(path)
-        return cls(cfg, load_weights(path), ops)
+        return cls(cfg, load_weights(path, check_numerics), ops)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len))

@@ -147,11 +147,13 @@ def _validate(choice: dict[str, str]) -> None:
                 f"choose {op_name}={' or '.join(same)}, or a linear variant for {v.weight_format}")
 
 
-def apply(transformer, schedule: Schedule) -> None:
+def apply(transformer, schedule: Schedule, check_numerics: bool = False) -> None:
     """Prepare the model's weights for `schedule` and give it the schedule's op table.
 
     Each weight site keeps the raw float32 value it was loaded with; a site is prepared again only
     when the variant that reads it (or, inside an unfused composite, the `linear` variant) changes.
+    `check_numerics`: the table checks every op's output for NaN/Inf (see tinyllm.numerics); off, the
+    model calls the variants directly.
     """
     linear = get_variant("linear", schedule.choice["linear"])
     changes = []  # prepared first, installed after: a failing prepare step leaves the model as it was
@@ -174,6 +176,10 @@ def apply(transformer, schedule: Schedule) -> None:
         for a in _arrays(site.raw):
             if id(a) not in kept:
                 release_pages(a)
+    if check_numerics:  # built after the prepared weights are installed: it recognises layers by them
+        from .numerics import CheckedOpTable
+
+        table = CheckedOpTable(schedule.choice, transformer)
     transformer.ops = table
 
 
