@@ -296,12 +296,13 @@ ATTENTION_PARALLEL_MIN_WORK = 16_384
 
 
 @njit
-def causal_softmax_rows(scores, T, start_pos, scale):
-    """In place, for a (group·T, S) block of raw scores whose row r belongs to query t = r mod T:
-    scale, mask the keys after position start_pos + t, softmax. Masked entries become exact zeros."""
+def causal_softmax_rows(scores, group, start_pos, scale):
+    """In place, for a (T·group, S) block of raw scores whose row r belongs to query t = r // group
+    (the group's query heads of one position are adjacent rows): scale, mask the keys after
+    position start_pos + t, softmax. Masked entries become exact zeros."""
     R, S = scores.shape
     for r in range(R):
-        n = start_pos + r % T + 1  # keys this query may see
+        n = start_pos + r // group + 1  # keys this query may see
         m = np.float32(-np.inf)
         for j in range(n):
             s = scores[r, j] * scale
@@ -321,18 +322,21 @@ def causal_softmax_rows(scores, T, start_pos, scale):
 
 def attention_prefill(q, k, v, start_pos, scale):
     """Many queries: the score and output products are matrix products, compute-bound, so BLAS
-    does them (per KV head, the group's queries stacked as rows) and one compiled pass does the
-    scale, causal mask and softmax in between."""
+    does them (per KV head, the group's queries as rows) and one compiled pass does the scale,
+    causal mask and softmax in between. The rows are ordered (position, head of the group): that
+    is q's own order, so each head's block of q is one copy and its output lands in place."""
     T, n_heads, d = q.shape
     n_kv, S, _ = k.shape
     group = n_heads // n_kv
-    qg = q.reshape(T, n_kv, group, d).transpose(1, 2, 0, 3).reshape(n_kv, group * T, d)
-    out = np.empty((n_kv, group * T, d), dtype=np.float32)
+    out = np.empty((T, n_heads, d), dtype=np.float32)
+    scores = np.empty((T * group, S), dtype=np.float32)
     for g in range(n_kv):
-        scores = qg[g] @ k[g].T  # (group·T, S)
-        causal_softmax_rows(scores, T, start_pos, scale)
-        np.matmul(scores, v[g], out=out[g])
-    return out.reshape(n_kv, group, T, d).transpose(2, 0, 1, 3).reshape(T, n_heads, d)
+        heads = slice(g * group, (g + 1) * group)
+        qg = q[:, heads].reshape(T * group, d)  # (T·group, d)
+        np.matmul(qg, k[g].T, out=scores)
+        causal_softmax_rows(scores, group, start_pos, scale)
+        out[:, heads] = (scores @ v[g]).reshape(T, group, d)
+    return out
 
 
 @variant("attention", "numba", **_NUMBA)
@@ -451,19 +455,21 @@ def qkv_rope_decode(x, w, cos, sin, eps):
 
 def qkv_rope_prefill(x, w, cos, sin, eps):
     """x (T, D): T tokens share every weight, so the projection is a matrix product, compute-bound,
-    and BLAS is the right tool; we fuse around it: the norm (NumPy, float32), one matmul for Q, K and
-    V together, the bias, and RoPE applied in place on the Q and K columns by the compiled kernel."""
+    and BLAS is the right tool; we fuse around it: the norm (compiled), one matmul for Q, K and V
+    together with the weights on the left (Wqkv @ h^T, the faster operand order, as in
+    swiglu_mlp_prefill), the bias, and RoPE, whose pass also turns the transposed Q and K back
+    into (T, heads, d) rows. V is returned as a (T, Hkv, d) view of the transposed product."""
     T, d, n_q, n_kv = x.shape[0], 2 * cos.shape[1], w.n_q, w.n_kv
     h = np.empty_like(x)
     rmsnorm_rows(x, w.norm, np.float32(eps), h)
-    qkv = h @ w.wqkv.T  # (T, rows): one sgemm
+    qkv = w.wqkv @ h.T  # (rows, T): one sgemm
     if w.bqkv is not None:
-        qkv += w.bqkv
-    q = qkv[:, :n_q].reshape(T, -1, d)
-    k = qkv[:, n_q:n_q + n_kv].reshape(T, -1, d)
-    rope_kernel(q, cos, sin, q)  # in place: each pair is read before it is written
-    rope_kernel(k, cos, sin, k)
-    return q, k, qkv[:, n_q + n_kv:].reshape(T, -1, d)
+        qkv += w.bqkv[:, None]
+    q = np.empty((T, n_q // d, d), dtype=np.float32)
+    k = np.empty((T, n_kv // d, d), dtype=np.float32)
+    rope_kernel(qkv[:n_q].T.reshape(T, -1, d), cos, sin, q)
+    rope_kernel(qkv[n_q:n_q + n_kv].T.reshape(T, -1, d), cos, sin, k)
+    return q, k, qkv[n_q + n_kv:].T.reshape(T, -1, d)
 
 
 @variant("qkv_rope", "fused", prepare=prepare_qkv, weight_format="fp32", **_NUMBA)
