@@ -15,6 +15,7 @@ import numpy as np
 from .config import read_json
 from .errors import ContextError, ModelError, TinyLLMError
 from .generate import GenerationStats, Sampling, generate_tokens
+from .loading import release_free_heap
 from .model import KVCache, Transformer
 from . import schedule as scheduling
 from .tokenizer import StreamDecoder, Tokenizer
@@ -39,6 +40,7 @@ class Model:
         scheduling.apply(self.transformer, self.schedule, check_numerics)
         self.config = self.transformer.cfg
         self.tokenizer = Tokenizer(self.path)
+        release_free_heap()  # what parsing tokenizer.json freed, back to the OS
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ModelError(f"{self.path}: tokenizer.json has {self.tokenizer.vocab_size} tokens but config.json's "
                              f"vocab_size is {self.config.vocab_size}")

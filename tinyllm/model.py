@@ -66,6 +66,39 @@ class KVCache:
         self.length = 0  # positions filled
 
 
+def checkpoint_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Llama checkpoint for `cfg`: Hugging Face name -> shape. The biases and an
+    untied `lm_head.weight` are optional (is_optional_tensor); the rest are required."""
+    D, F, d, V = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.vocab_size
+    q_dim, kv_dim = cfg.n_heads * d, cfg.n_kv_heads * d
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (q_dim, D), p + "self_attn.q_proj.bias": (q_dim,),
+            p + "self_attn.k_proj.weight": (kv_dim, D), p + "self_attn.k_proj.bias": (kv_dim,),
+            p + "self_attn.v_proj.weight": (kv_dim, D), p + "self_attn.v_proj.bias": (kv_dim,),
+            p + "self_attn.o_proj.weight": (D, q_dim), p + "self_attn.o_proj.bias": (D,),
+            p + "post_attention_layernorm.weight": (D,),
+            p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F),
+        })
+    return shapes
+
+
+def is_optional_tensor(name: str) -> bool:
+    """Biases (a few Llama-family checkpoints have them) and an untied output head."""
+    return name.endswith(".bias") or name == "lm_head.weight"
+
+
+def random_checkpoint(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 values for every required tensor of `cfg` (small, finite): a model to run
+    without a file, e.g. to compile or load the kernels before a real model is measured."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.uniform(-0.5, 0.5, shape).astype(np.float32)
+            for name, shape in checkpoint_shapes(cfg).items() if not is_optional_tensor(name)}
+
+
 class Transformer:
     """Weights plus the forward pass. `forward(ids, start_pos, cache)` is the one entry point."""
 
@@ -74,40 +107,40 @@ class Transformer:
         self.ops = ops or reference_table()  # tinyllm.schedule.apply() sets the schedule's table
         w = dict(weights)
 
-        def take(name, shape=None, optional=False):
+        shapes = checkpoint_shapes(cfg)
+
+        def take(name):
             if name not in w:
-                if optional:
+                if is_optional_tensor(name):
                     return None
                 raise ModelError(f"the checkpoint has no tensor {name}")
             t = w.pop(name)
-            if shape is not None and tuple(t.shape) != shape:
-                raise ModelError(f"tensor {name} has shape {tuple(t.shape)}, config says {shape}")
+            if tuple(t.shape) != shapes[name]:
+                raise ModelError(f"tensor {name} has shape {tuple(t.shape)}, config says {shapes[name]}")
             return np.ascontiguousarray(t, dtype=np.float32)
 
-        D, F, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-        q_dim, kv_dim = cfg.n_heads * d, cfg.n_kv_heads * d
-        self.embed = take("model.embed_tokens.weight", (cfg.vocab_size, D))
+        self.embed = take("model.embed_tokens.weight")
         self.layers = []
         for i in range(cfg.n_layers):
             p = f"model.layers.{i}."
             self.layers.append(Layer(
                 attn_in=Weights(
-                    norm=take(p + "input_layernorm.weight", (D,)),
-                    wq=take(p + "self_attn.q_proj.weight", (q_dim, D)),
-                    wk=take(p + "self_attn.k_proj.weight", (kv_dim, D)),
-                    wv=take(p + "self_attn.v_proj.weight", (kv_dim, D)),
-                    bq=take(p + "self_attn.q_proj.bias", (q_dim,), optional=True),
-                    bk=take(p + "self_attn.k_proj.bias", (kv_dim,), optional=True),
-                    bv=take(p + "self_attn.v_proj.bias", (kv_dim,), optional=True)),
-                wo=take(p + "self_attn.o_proj.weight", (D, q_dim)),
-                bo=take(p + "self_attn.o_proj.bias", (D,), optional=True),
-                mlp_norm=take(p + "post_attention_layernorm.weight", (D,)),
-                mlp=Weights(gate=take(p + "mlp.gate_proj.weight", (F, D)),
-                            up=take(p + "mlp.up_proj.weight", (F, D)),
-                            down=take(p + "mlp.down_proj.weight", (D, F))),
+                    norm=take(p + "input_layernorm.weight"),
+                    wq=take(p + "self_attn.q_proj.weight"),
+                    wk=take(p + "self_attn.k_proj.weight"),
+                    wv=take(p + "self_attn.v_proj.weight"),
+                    bq=take(p + "self_attn.q_proj.bias"),
+                    bk=take(p + "self_attn.k_proj.bias"),
+                    bv=take(p + "self_attn.v_proj.bias")),
+                wo=take(p + "self_attn.o_proj.weight"),
+                bo=take(p + "self_attn.o_proj.bias"),
+                mlp_norm=take(p + "post_attention_layernorm.weight"),
+                mlp=Weights(gate=take(p + "mlp.gate_proj.weight"),
+                            up=take(p + "mlp.up_proj.weight"),
+                            down=take(p + "mlp.down_proj.weight")),
             ))
-        norm = take("model.norm.weight", (D,))
-        lm_head = take("lm_head.weight", (cfg.vocab_size, D), optional=True)
+        norm = take("model.norm.weight")
+        lm_head = take("lm_head.weight")
         if lm_head is None or cfg.tie_word_embeddings:
             lm_head = self.embed  # tied: the output projection is the embedding table
         self.head = Weights(norm=norm, weight=lm_head)
@@ -119,7 +152,7 @@ class Transformer:
             warnings.warn(f"ignoring {len(w)} tensor(s) of the checkpoint that this Llama model does not use: "
                           f"{', '.join(sorted(w)[:5])}{more}", ModelWarning, stacklevel=2)
         try:
-            inv_freq = rope_inv_freq(d, cfg.rope_theta, cfg.rope_scaling)
+            inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         except (ValueError, KeyError) as e:
             raise ModelError(f"bad rope scaling in config.json: {e}") from None
         self.rope_cos, self.rope_sin = rope_tables(inv_freq, cfg.max_seq_len)
