@@ -375,7 +375,8 @@ _NO_BIAS = np.zeros(0, dtype=np.float32)  # the kernel's "no bias" (a typed arra
 
 @njit(inline="always")
 def _qkv_unit(u, x, norm, r, wqkv, bqkv, cos, sin, n_q, n_kv, out):
-    """Work item u of the decode kernel: a rotated pair of Q or K rows, or one V row.
+    """Work item u of the decode kernel: two rows of Wqkv, a rotated pair of Q or K rows or two
+    adjacent V rows (every item the same size, so the threads' shares of the stream are equal).
 
         y_j = r · sum_c W[j, c] · (x_c · norm_c) + b_j     (the rmsnorm folded into the dot product)
 
@@ -384,33 +385,32 @@ def _qkv_unit(u, x, norm, r, wqkv, bqkv, cos, sin, n_q, n_kv, out):
     D = x.shape[0]
     half = cos.shape[1]
     n_pairs = (n_q + n_kv) // 2
-    if u < n_pairs:
+    rotate = u < n_pairs
+    if rotate:
         head, i = u // half, u % half
         j1 = head * 2 * half + i  # the rows of (x1[i], x2[i]); Q heads first, then K heads
         j2 = j1 + half
-        a = np.float32(0.0)
-        b = np.float32(0.0)
-        for c in range(D):
-            h = x[c] * norm[c]
-            a += wqkv[j1, c] * h
-            b += wqkv[j2, c] * h
-        a *= r
-        b *= r
-        if bqkv.shape[0] > 0:
-            a += bqkv[j1]
-            b += bqkv[j2]
+    else:
+        j1 = n_q + n_kv + 2 * (u - n_pairs)
+        j2 = j1 + 1
+    a = np.float32(0.0)
+    b = np.float32(0.0)
+    for c in range(D):
+        h = x[c] * norm[c]
+        a += wqkv[j1, c] * h
+        b += wqkv[j2, c] * h
+    a *= r
+    b *= r
+    if bqkv.shape[0] > 0:
+        a += bqkv[j1]
+        b += bqkv[j2]
+    if rotate:
         cs, sn = cos[0, i], sin[0, i]
         out[j1] = a * cs - b * sn  # RoPE, as `rope`
         out[j2] = b * cs + a * sn
     else:
-        j = n_q + n_kv + (u - n_pairs)
-        a = np.float32(0.0)
-        for c in range(D):
-            a += wqkv[j, c] * (x[c] * norm[c])
-        a *= r
-        if bqkv.shape[0] > 0:
-            a += bqkv[j]
-        out[j] = a
+        out[j1] = a
+        out[j2] = b
 
 
 @njit
@@ -430,7 +430,7 @@ def qkv_rope_decode_serial(x, norm, wqkv, bqkv, cos, sin, eps, n_q, n_kv, out):
     time to stream Wqkv (rows × D × 4 bytes, 2.2 MB per layer for SmolLM2-135M) from memory. It is
     read exactly once; the normalised x and the unrotated q, k are never written."""
     r = _inv_rms(x, eps)
-    n_units = (n_q + n_kv) // 2 + (wqkv.shape[0] - n_q - n_kv)  # rotated pairs, then V rows
+    n_units = wqkv.shape[0] // 2  # rotated Q/K pairs, then pairs of V rows (Hkv·d is even)
     for u in range(n_units):
         _qkv_unit(u, x, norm, r, wqkv, bqkv, cos, sin, n_q, n_kv, out)
 
@@ -439,7 +439,7 @@ def qkv_rope_decode_serial(x, norm, wqkv, bqkv, cos, sin, eps, n_q, n_kv, out):
 def qkv_rope_decode_parallel(x, norm, wqkv, bqkv, cos, sin, eps, n_q, n_kv, out):
     """As qkv_rope_decode_serial, the work items spread over the cores (the weight stream split)."""
     r = _inv_rms(x, eps)
-    n_units = (n_q + n_kv) // 2 + (wqkv.shape[0] - n_q - n_kv)
+    n_units = wqkv.shape[0] // 2
     for u in prange(n_units):
         _qkv_unit(u, x, norm, r, wqkv, bqkv, cos, sin, n_q, n_kv, out)
 
