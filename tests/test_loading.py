@@ -93,5 +93,5 @@ def test_malformed_model_files_are_model_errors(tmp_path, tiny_model_dir, name, 
 def test_malformed_safetensors_header_entry(tmp_path):
     header = json.dumps({"w": {"dtype": "F32", "shape": [2]}}).encode()  # no data_offsets
     (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
-    with pytest.raises(ModelError, match="header entry of tensor w is malformed"):
+    with pytest.raises(ModelError, match="header entry of tensor 'w' is malformed"):
         load_weights(tmp_path)

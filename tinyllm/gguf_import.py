@@ -73,7 +73,7 @@ def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool 
     try:
         config = _llama_config(fields)
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:  # a field of the wrong type or value
-        raise ModelError(f"{gguf_path}: bad llama.* metadata ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"{gguf_path}: bad llama.* metadata ({exc!r})") from None
     # Built before any weight is touched, so a vocabulary we cannot express
     # fails fast instead of after dequantizing every weight.
     try:
@@ -81,7 +81,7 @@ def convert_gguf(gguf_path, out_dir, *, overwrite: bool = False, progress: bool 
     except ModelError:
         raise
     except Exception as exc:  # bad field types, or `tokenizers` refusing the vocabulary (a bare Exception)
-        raise ModelError(f"{gguf_path}: cannot build a tokenizer from its vocabulary ({type(exc).__name__}: {exc})") \
+        raise ModelError(f"{gguf_path}: cannot build a tokenizer from its vocabulary ({exc!r})") \
             from None
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def open_gguf(path: Path):
         reader = gguf.GGUFReader(path)
         fields = {key: field.contents() for key, field in reader.fields.items()}
     except Exception as exc:  # gguf raises ValueError, KeyError, UnicodeDecodeError, ... on bad input
-        raise ModelError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"{path} is not a readable GGUF file ({exc!r})") from None
     return reader, fields
 
 
@@ -158,7 +158,7 @@ def tensor_as_float32(t) -> np.ndarray:
     try:
         w = gguf.quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError:
-        raise ModelError(f"tensor {t.name} uses {t.tensor_type.name}, which we cannot dequantize") from None
+        raise ModelError(f"tensor {t.name!r} uses {t.tensor_type.name}, which we cannot dequantize") from None
     # np.array copies: F32 tensors come back as views into the memory-mapped file.
     return np.array(w, dtype=np.float32).reshape(shape)
 
@@ -368,7 +368,7 @@ def _convert_tensors(reader, config: dict, progress: bool) -> dict:
         name = _hf_name(t.name)
         w = tensor_as_float32(t)
         if w.shape != _expected_shape(name, config):
-            raise ModelError(f"tensor {t.name} has shape {w.shape}; the metadata says {_expected_shape(name, config)}")
+            raise ModelError(f"tensor {t.name!r} has shape {w.shape}; the metadata says {_expected_shape(name, config)}")
         if name.endswith("self_attn.q_proj.weight"):
             w = unpermute_qk(w, config["num_attention_heads"])
         elif name.endswith("self_attn.k_proj.weight"):

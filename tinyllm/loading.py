@@ -51,7 +51,8 @@ def _is_count(x) -> bool:
 
 def _tensor_entries(path: Path, header: dict, data_size: int) -> list[tuple]:
     """Each tensor's (name, dtype name, shape, begin, end), checked against the data section:
-    a known dtype, a byte range inside the file whose length is dtype size x elements, no overlaps."""
+    a known dtype, a byte range inside the file whose length is dtype size x elements, no overlaps.
+    Names and dtypes come from the file, so messages quote them (repr): a newline stays on one line."""
     entries = []
     for name, info in header.items():
         try:
@@ -61,22 +62,22 @@ def _tensor_entries(path: Path, header: dict, data_size: int) -> list[tuple]:
                     and _is_count(begin) and _is_count(end)):
                 raise TypeError
         except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path}: the header entry of tensor {name} is malformed "
+            raise ModelError(f"{path}: the header entry of tensor {name!r} is malformed "
                              f"(needs dtype, shape and data_offsets [begin, end])") from None
         if dtype_name not in _DTYPES:
-            raise ModelError(f"{path}: tensor {name} has dtype {dtype_name}; tinyllm reads {', '.join(_DTYPES)}")
+            raise ModelError(f"{path}: tensor {name!r} has dtype {dtype_name!r}; tinyllm reads {', '.join(_DTYPES)}")
         needed = math.prod(shape) * np.dtype(_DTYPES[dtype_name]).itemsize
         if end - begin != needed:
-            raise ModelError(f"{path}: tensor {name} has data_offsets [{begin}, {end}] ({end - begin} bytes) but "
+            raise ModelError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] ({end - begin} bytes) but "
                              f"dtype {dtype_name} x shape {shape} needs {needed} bytes")
         if end > data_size:
-            raise ModelError(f"{path}: tensor {name}'s data (bytes {begin}..{end}) runs past the end of the file "
+            raise ModelError(f"{path}: tensor {name!r}'s data (bytes {begin}..{end}) runs past the end of the file "
                              f"({data_size} bytes of data; truncated?)")
         entries.append((name, dtype_name, shape, begin, end))
     by_start = sorted((e for e in entries if e[4] > e[3]), key=lambda e: e[3])  # empty tensors overlap nothing
     for a, b in zip(by_start, by_start[1:]):
         if b[3] < a[4]:
-            raise ModelError(f"{path}: tensors {a[0]} and {b[0]} overlap (bytes {b[3]}..{a[4]})")
+            raise ModelError(f"{path}: tensors {a[0]!r} and {b[0]!r} overlap (bytes {b[3]}..{a[4]})")
     return entries
 
 
@@ -138,7 +139,7 @@ def load_weights(model_dir: Path, check_numerics: bool = False) -> dict[str, np.
         bad = [t for t, value in tensors.items() if not all_finite(value)]
         if bad:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            message = f"{model_dir / name}: tensor {bad[0]}{more} holds NaN or Inf values"
+            message = f"{model_dir / name}: tensor {bad[0]!r}{more} holds NaN or Inf values"
             if check_numerics:
                 raise NumericsError(message + "; --check-numerics refuses to load it")
             warnings.warn(message, ModelWarning, stacklevel=2)

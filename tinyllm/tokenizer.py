@@ -24,8 +24,10 @@ class Tokenizer:
         cfg = read_json(cfg_file) if cfg_file.exists() else {}
         self.chat_template: str | None = cfg.get("chat_template")
         if isinstance(self.chat_template, list):  # some configs hold several named templates
-            named = {t["name"]: t["template"] for t in self.chat_template}
+            named = {t.get("name"): t.get("template") for t in self.chat_template if isinstance(t, dict)}
             self.chat_template = named.get("default")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise ModelError(f"{cfg_file}: chat_template must be a string (or a list of named templates)")
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -63,12 +65,19 @@ class Tokenizer:
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "",
             )
+        except TinyLLMError:
+            raise
         except TemplateError as e:
             raise TinyLLMError(f"chat template failed: {e}") from None
+        except Exception as e:  # the template is a downloaded model's code: it may fail in any way
+            raise TinyLLMError(f"chat template failed: {type(e).__name__}: {e}") from None
 
 
 def _token_text(tok) -> str | None:
-    return tok.get("content") if isinstance(tok, dict) else tok
+    """A special token from tokenizer_config.json (a string, or a dict with its `content`); None if absent
+    or malformed."""
+    text = tok.get("content") if isinstance(tok, dict) else tok
+    return text if isinstance(text, str) else None
 
 
 class StreamDecoder:
