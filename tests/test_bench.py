@@ -20,8 +20,12 @@ def test_bench_json_and_profile(tiny_model_dir, tmp_path):
         for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "weights_rss_mib", "peak_rss_mib"):
             assert result[key] > 0, key
         assert set(result["runs"][0]) == {"prefill_tok_s", "decode_tok_s", "ttft_s"}
-    # the profile names each op with the variant that ran
+    # the profile names each op with the variant that ran, for the prefill and for a decode step
+    assert "prefill profile, fused,attention=reference" in r.stdout
     assert "decode step profile, fused,attention=reference" in r.stdout
+    for phase in ("prefill", "decode"):
+        rows = data["results"][1]["profile"][phase]
+        assert rows[-1]["op"] == "(model code)" and abs(sum(row["pct"] for row in rows) - 100) < 1e-6
     assert any(line.split()[:2] == ["swiglu_mlp", "fused"] for line in r.stdout.splitlines())
     assert any(line.split()[:2] == ["attention", "reference"] for line in r.stdout.splitlines())
 

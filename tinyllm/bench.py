@@ -7,7 +7,7 @@ allocator state must not tax another. The parent alternates rounds between the c
 min and max. The children speak a line protocol on stdin/stdout, one JSON object per line:
 
     parent -> child: {"cmd": "run"}         child -> parent: {"prefill_tok_s", "decode_tok_s", "ttft_s"}
-    parent -> child: {"cmd": "profile"}     child -> parent: {"profile": [...]}
+    parent -> child: {"cmd": "profile"}     child -> parent: {"profile": {"prefill": [...], "decode": [...]}}
     parent -> child: {"cmd": "stats"}       child -> parent: {"peak_rss_mib"}
 and on start-up the child sends {"ready": true, "load_s", "weights_rss_mib", "kernels_rss_mib"} once it is
 loaded and warmed up.
@@ -120,7 +120,7 @@ def worker(model_path: str | None, spec: str, prompt_tokens: int, new_tokens: in
         if cmd == "run":
             _send(one_run())
         elif cmd == "profile":
-            _send({"profile": profile_decode(model, prompt, steps=min(new_tokens, 32))})
+            _send({"profile": profile_ops(model, prompt, steps=min(new_tokens, 32))})
         elif cmd == "stats":
             _send({"peak_rss_mib": peak_rss_mib()})
         elif cmd == "quit":
@@ -155,11 +155,11 @@ def _send(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def profile_decode(model, prompt: list[int], steps: int) -> list[dict]:
-    """Where a decode step's time goes: each op's *exclusive* time (a composed composite's rows do
-    not include its steps, which are rows of their own), per step, and the rest of the model's code."""
-    import numpy as np
-
+def profile_ops(model, prompt: list[int], steps: int) -> dict[str, list[dict]]:
+    """Where the time goes, op by op: in one prefill of `prompt` ("prefill": ms per prefill) and in
+    the average of `steps` decode steps after it ("decode": ms per step). Each op's time is
+    *exclusive* (a composed composite's rows do not include its steps, which are rows of their own);
+    "(model code)" is the rest: the forward pass's own Python between the ops."""
     t = model.transformer
     table = t.ops
     totals: dict[str, list] = {}  # op -> [calls, seconds]
@@ -181,26 +181,31 @@ def profile_decode(model, prompt: list[int], steps: int) -> list[dict]:
 
         return wrapper
 
+    def rows(n, total_s):
+        out = [{"op": name, "variant": table.choice[name], "calls": calls // n, "ms": secs / n * 1e3,
+                "pct": 100 * secs / total_s} for name, (calls, secs) in totals.items()]
+        out.sort(key=lambda r: -r["ms"])
+        other = total_s / n - sum(r["ms"] for r in out) / 1e3
+        out.append({"op": "(model code)", "variant": "", "calls": 0, "ms": other * 1e3, "pct": 100 * other * n / total_s})
+        return out
+
     originals = {name: getattr(table, name) for name in table.choice}
     for name, fn in originals.items():
         setattr(table, name, timed(name, fn))
     try:
         cache = t.new_cache(len(prompt) + steps + 1)
-        token = int(np.argmax(t.forward(prompt, 0, cache, last_only=True)[-1]))
+        start = time.perf_counter()
+        token = table.argmax(t.forward(prompt, 0, cache, last_only=True)[-1])
+        prefill = rows(1, time.perf_counter() - start)
         totals.clear()
         start = time.perf_counter()
         for i in range(steps):
             token = table.argmax(t.forward([token], len(prompt) + i, cache)[0])
-        step_s = (time.perf_counter() - start) / steps
+        decode = rows(steps, time.perf_counter() - start)
     finally:
         for name, fn in originals.items():
             setattr(table, name, fn)
-    rows = [{"op": name, "variant": table.choice[name], "calls": calls // steps, "ms": secs / steps * 1e3,
-             "pct": 100 * secs / steps / step_s} for name, (calls, secs) in totals.items()]
-    rows.sort(key=lambda r: -r["ms"])
-    other = step_s * 1e3 - sum(r["ms"] for r in rows)
-    rows.append({"op": "(model code)", "variant": "", "calls": 0, "ms": other, "pct": 100 * other / step_s / 1e3})
-    return rows
+    return {"prefill": prefill, "decode": decode}
 
 
 # ---------------------------------------------------------------------------------- the parent
@@ -284,7 +289,8 @@ def run(engines: list[Engine], *, rounds: int, threads: int | None, profile: boo
 def summary(e: Engine) -> dict:
     return {"ops": e.name, "prefill_tok_s": e.median("prefill_tok_s"), "decode_tok_s": e.median("decode_tok_s"),
             "ttft_s": e.median("ttft_s"), "load_s": e.ready["load_s"], "weights_rss_mib": e.ready["weights_rss_mib"],
-            "kernels_rss_mib": e.ready.get("kernels_rss_mib"), "peak_rss_mib": e.peak_rss_mib, "runs": e.runs}
+            "kernels_rss_mib": e.ready.get("kernels_rss_mib"), "peak_rss_mib": e.peak_rss_mib, "runs": e.runs,
+            **({"profile": e.profile} if e.profile else {})}
 
 
 def format_table(engines: list[Engine]) -> str:
@@ -318,10 +324,16 @@ def _mib(value) -> str:
 
 
 def format_profile(e: Engine) -> str:
-    lines = [f"decode step profile, {e.name} (exclusive time per step):",
-             f"  {'op':<14} {'variant':<10} {'calls':>5} {'ms':>8} {'%':>6}"]
-    for r in e.profile:
-        lines.append(f"  {r['op']:<14} {r['variant']:<10} {r['calls']:>5} {r['ms']:>8.3f} {r['pct']:>5.1f}%")
+    titles = {"prefill": f"prefill profile, {e.name} (exclusive time of one prefill of the prompt):",
+              "decode": f"decode step profile, {e.name} (exclusive time per step):"}
+    lines = []
+    for phase, rows in e.profile.items():
+        if lines:
+            lines.append("")
+        lines += [titles[phase],
+                  f"  {'op':<14} {'variant':<10} {'calls':>5} {'ms':>8} {'%':>6}"]
+        for r in rows:
+            lines.append(f"  {r['op']:<14} {r['variant']:<10} {r['calls']:>5} {r['ms']:>8.3f} {r['pct']:>5.1f}%")
     return "\n".join(lines)
 
 

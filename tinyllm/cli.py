@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(A B A B ...) after a warm-up, reporting the median (min-max) of prefill tokens/s on a 128-token prompt, "
         "decode tokens/s over 128 new tokens (greedy, batch 1, EOS ignored), time to first token, load time, and "
         "memory: weights = RSS after loading, preparing and a short warm-up (weights are memory-mapped, so only "
-        "pages that were read count) minus RSS after imports; peak = the process's peak RSS.")
+        "pages that were read count) minus RSS before loading; kernels = the Numba runtime and compiled code, "
+        "loaded first on a tiny random model, so that weights holds no code; peak = the process's peak RSS.")
     _add_model_args(b, ops=False)
     b.add_argument("--ops", action="append", metavar="SPEC",
                    help="a schedule to measure, e.g. fused or fused,attention=reference (repeatable; default: every "
