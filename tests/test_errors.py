@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -122,7 +123,15 @@ BAD_MODELS = [
     ("config missing field", lambda m: edit_config(m, hidden_size=None), ModelError,
      "config.json: the required field 'hidden_size' is missing"),
     ("config bad value", lambda m: edit_config(m, num_attention_heads="six"), ModelError,
-     "config.json: a field has a bad value"),
+     "config.json: num_attention_heads must be an integer, got 'six'"),
+    ("config value overflows", lambda m: edit_config(m, hidden_size=float("inf")), ModelError,
+     "config.json: hidden_size must be an integer, got inf"),
+    ("config rope scaling factor not a number", lambda m: edit_config(m, rope_scaling={"rope_type": "linear", "factor": "x"}),
+     ModelError, "config.json: rope_scaling.factor must be a number, got 'x'"),
+    ("config context too long to allocate", lambda m: edit_config(m, max_position_embeddings=10**12), ModelError,
+     "config.json: max_position_embeddings is 1000000000000; tinyllm supports at most 1048576"),
+    ("config layers the checkpoint lacks", lambda m: edit_config(m, num_hidden_layers=10**9), ModelError,
+     "the checkpoint has no tensor model.layers.999999999.input_layernorm.weight (num_hidden_layers is 1000000000)"),
     ("config zero heads", lambda m: edit_config(m, num_attention_heads=0), ModelError,
      "config.json: num_attention_heads must be at least 1"),
     ("unsupported architecture", lambda m: edit_config(m, model_type="gpt2"), ModelError,
@@ -269,6 +278,12 @@ BAD_ARGUMENTS = [
      "top_k must be >= 0 (0 disables it), got -1"),
     ("negative seed", ["hi", "--seed", "-1"], lambda m: m.generate("hi", seed=-1), TinyLLMError,
      "seed must be >= 0, got -1"),
+    # bytes that are not UTF-8 on the command line reach Python as surrogates (os.fsdecode)
+    ("prompt not UTF-8", [os.fsdecode(b"caf\xe9")], lambda m: m.generate(os.fsdecode(b"caf\xe9")), TinyLLMError,
+     "the prompt is not valid UTF-8 text (byte 0xe9 at character 3)"),
+    ("system message not UTF-8", ["hi", "--system", os.fsdecode(b"\xff")],
+     lambda m: m.generate("hi", system=os.fsdecode(b"\xff")), TinyLLMError,
+     "the system message is not valid UTF-8 text (byte 0xff at character 0)"),
 ]
 
 
@@ -409,6 +424,18 @@ def test_bad_gguf(tmp_path, monkeypatch, case, breaker, message):
     assert_error_line(r, message)
     assert not home.exists() or list(home.iterdir()) == []
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("where, message", [("missing", "no such file"), ("directory", "not a file (a directory?)")])
+def test_gguf_path_that_is_no_file(tmp_path, where, message):
+    path = tmp_path / "m.gguf"
+    if where == "directory":
+        path.mkdir()
+    with pytest.raises(ModelError, match=re.escape(message)):
+        convert_gguf(path, tmp_path / "out", progress=False)
+    r = run_cli("pull", "--gguf", path, env={"TINYLLM_HOME": str(tmp_path / "home")})
+    assert_error_line(r, f"--gguf {path}: {message}")
+    assert not (tmp_path / "home").exists()
 
 
 # ------------------------------------------------------------------------- pull
@@ -564,3 +591,10 @@ bench.run = interrupted_run
 def test_ctrl_c_during_bench(tmp_path):
     r = run_cli("bench", "--model", tmp_path, "--ops", "reference", "--plugin", plugin(tmp_path, INTERRUPT_BENCH))
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_the_errors_readme_names_are_exported():
+    """README's Errors section names these; a caller catches or filters them from `tinyllm`."""
+    for name in ["ModelError", "PullError", "ContextError", "ScheduleError", "NumericsError"]:
+        assert name in tinyllm.__all__ and issubclass(getattr(tinyllm, name), tinyllm.TinyLLMError)
+    assert "ModelWarning" in tinyllm.__all__

@@ -134,6 +134,8 @@ class Model:
             raise TinyLLMError(f"the prompt must be a string, not {type(prompt).__name__}")
         if not prompt:
             raise TinyLLMError("the prompt is empty: give some text to continue")
+        _check_utf8("the prompt", prompt)
+        _check_utf8("the system message", system)
         ids = self.prompt_ids(prompt, chat=chat, system=system)
         tokens = self.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                    top_p=top_p, seed=seed)
@@ -162,6 +164,19 @@ class Model:
         if self.last_stats.stopped_by == "context":
             warnings.warn(f"stopped at the model's context limit of {self.config.max_seq_len} tokens",
                           ContextLimitWarning, stacklevel=2)
+
+
+def _check_utf8(what: str, text) -> None:
+    """Text the tokenizer can take. Command-line bytes that are not UTF-8 reach Python as lone
+    surrogates (U+DC80..U+DCFF stand for bytes 0x80..0xFF), which the tokenizer refuses with a TypeError."""
+    if not isinstance(text, str):
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        found = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise TinyLLMError(f"{what} is not valid UTF-8 text ({found} at character {e.start})") from None
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed=None):

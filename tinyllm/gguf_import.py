@@ -139,7 +139,7 @@ def open_gguf(path: Path):
     import gguf  # imported lazily: only conversion needs it
 
     if not path.is_file():
-        raise ModelError(f"no such file: {path}")
+        raise ModelError(f"{path}: " + ("not a file (a directory?)" if path.exists() else "no such file"))
     _check_layout(path)
     try:
         reader = gguf.GGUFReader(path)

@@ -71,7 +71,7 @@ def _tensor_entries(path: Path, header: dict, data_size: int) -> list[tuple]:
             raise ModelError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] ({end - begin} bytes) but "
                              f"dtype {dtype_name} x shape {shape} needs {needed} bytes")
         if end > data_size:
-            raise ModelError(f"{path}: tensor {name!r}'s data (bytes {begin}..{end}) runs past the end of the file "
+            raise ModelError(f"{path}: the data of tensor {name!r} (bytes {begin}..{end}) runs past the end of the file "
                              f"({data_size} bytes of data; truncated?)")
         entries.append((name, dtype_name, shape, begin, end))
     by_start = sorted((e for e in entries if e[4] > e[3]), key=lambda e: e[3])  # empty tensors overlap nothing

