@@ -8,10 +8,13 @@ import sys
 import pytest
 
 
-def tinyllm(*args, timeout=300, env=None):
-    """Run `python -m tinyllm ARGS` as a user would; `env` adds to (or overrides) the environment."""
+def tinyllm(*args, timeout=300, env=None, input=""):
+    """Run `python -m tinyllm ARGS` as a user would; `env` adds to (or overrides) the environment;
+    `input` is standard input (bytes or text; empty by default, never the terminal's)."""
+    if isinstance(input, bytes):
+        input = input.decode("utf-8", "surrogateescape")  # text mode writes it back as the same bytes
     return subprocess.run([sys.executable, "-m", "tinyllm", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          errors="surrogateescape", input=input, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def test_help_and_version():

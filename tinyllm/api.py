@@ -114,20 +114,26 @@ class Model:
         if chat and self.tokenizer.chat_template:
             messages = ([{"role": "system", "content": system}] if system is not None else [])
             messages.append({"role": "user", "content": prompt})
-            # The rendered template carries its own BOS text where the model wants one, so no second BOS.
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+            return self.chat_ids(messages)
         if system is not None:
             raise TinyLLMError("a system message needs the chat template" + (
                 " (drop --raw, or drop --system)" if self.tokenizer.chat_template else ", and this model has none"))
         return self.tokenizer.encode_prompt(prompt)
 
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation (a list of {"role": ..., "content": ...}) rendered by the model's
+        chat template, ending where the assistant speaks next."""
+        # The rendered template carries its own BOS text where the model wants one, so no second BOS.
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+
     def generate(self, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, chat: bool = True, system: str | None = None,
-                 stream: bool = False) -> str | Iterator[str]:
+                 stop=(), ignore_eos: bool = False, stream: bool = False) -> str | Iterator[str]:
         """Continue `prompt`: greedy by default; `temperature > 0` samples (reproducibly with `seed`).
 
         Returns the new text, or with `stream=True` an iterator of text pieces as they are produced.
-        Stops at an end-of-sequence token, after `max_new_tokens`, or at the context limit (with a
+        Stops at an end-of-sequence token (unless `ignore_eos`), when the text produces one of the `stop`
+        strings (which is not returned), after `max_new_tokens`, or at the context limit (with a
         ContextLimitWarning). Statistics of the run land in `self.last_stats`.
         """
         if not isinstance(prompt, str):
@@ -137,20 +143,32 @@ class Model:
         _check_utf8("the prompt", prompt)
         _check_utf8("the system message", system)
         ids = self.prompt_ids(prompt, chat=chat, system=system)
-        tokens = self.generate_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, seed=seed)
-        pieces = self._text_pieces(tokens)
+        pieces = self.generate_text(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
         return pieces if stream else "".join(pieces)
 
+    def generate_text(self, ids: list[int], *, stop=(), **options) -> Iterator[str]:
+        """Text pieces of the continuation of prompt ids `ids`, as they are produced, up to the first
+        of the `stop` strings (not included; generation ends there). `options` are generate_ids'."""
+        stops = _check_stops(stop)
+        pieces = self._text_pieces(self.generate_ids(ids, **options))
+        if not stops:
+            return pieces
+
+        def stopped():
+            self.last_stats.stopped_by = "stop"
+        return until_stop(pieces, stops, stopped)
+
     def generate_ids(self, ids: list[int], *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                     top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+                     top_p: float = 1.0, seed: int | None = None, ignore_eos: bool = False) -> Iterator[int]:
         """The token-level generator under `generate`: yields new token ids for prompt ids `ids`
-        (the end-of-sequence token that stops it is not yielded)."""
+        (the end-of-sequence token that stops it is not yielded; with `ignore_eos` none stops it)."""
         _check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         self._check_ids(ids)
         self.last_stats = GenerationStats()
+        stop_ids = set() if ignore_eos else self.stop_ids
         return generate_tokens(self.transformer, list(ids), max_new_tokens,
-                               Sampling(temperature, top_k, top_p, seed), self.stop_ids, self.last_stats)
+                               Sampling(temperature, top_k, top_p, seed), stop_ids, self.last_stats)
 
     def _text_pieces(self, tokens: Iterator[int]) -> Iterator[str]:
         decoder = StreamDecoder(self.tokenizer)
@@ -164,6 +182,45 @@ class Model:
         if self.last_stats.stopped_by == "context":
             warnings.warn(f"stopped at the model's context limit of {self.config.max_seq_len} tokens",
                           ContextLimitWarning, stacklevel=2)
+
+
+def until_stop(pieces: Iterator[str], stops: list[str], on_stop=lambda: None) -> Iterator[str]:
+    """`pieces` up to the first of the `stops` strings (not included; then `on_stop()` is called).
+
+    A stop string may arrive split over several pieces, so the end of the text that could still be the
+    start of one is held back until the next piece settles it; the rest streams at once."""
+    held = ""
+    try:
+        for piece in pieces:
+            held += piece
+            found = [i for i in (held.find(s) for s in stops) if i >= 0]
+            if found:
+                if min(found):
+                    yield held[:min(found)]
+                on_stop()
+                return
+            keep = _longest_partial_stop(held, stops)
+            if len(held) > keep:
+                yield held[:len(held) - keep]
+                held = held[len(held) - keep:]
+        if held:  # generation ended with text that only looked like the start of a stop string
+            yield held
+    finally:
+        pieces.close()  # ends the token generator too, so no token is computed past a stop string
+
+
+def _longest_partial_stop(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that is the beginning of a stop string (but not all of it)."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def _check_stops(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise TinyLLMError(f"a stop string must be non-empty text, got {s!r}")
+        _check_utf8("the stop string", s)
+    return stops
 
 
 def _check_utf8(what: str, text) -> None:

@@ -1,4 +1,6 @@
-"""The command line: `python -m tinyllm generate|pull|ops|check|bench ...` (also installed as `tinyllm`)."""
+"""The command line: `python -m tinyllm generate|chat|info|pull|ops|check|bench ...` (also installed as `tinyllm`).
+
+Nothing here imports NumPy at module level: `--threads` must set the thread variables before it loads."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +16,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     warnings.showwarning = _show_warning
     try:
+        if getattr(args, "sets_threads", False) and args.threads is not None:
+            set_threads(args.threads)  # before anything imports NumPy or Numba (plugins included)
         from .schedule import load_plugins, plugins_from_env
 
         load_plugins(plugins_from_env() + (args.plugin or []))  # variants register before --ops is read
@@ -57,27 +61,44 @@ def build_parser() -> argparse.ArgumentParser:
                         "can be used; repeatable; $TINYLLM_PLUGINS adds a comma-separated list")
 
     g = sub.add_parser(
-        "generate", help="continue a prompt, streaming the text", parents=[plugin],
+        "generate", help="continue a prompt, streaming the text", parents=[plugin, _generation_options()],
         description="Continue PROMPT with the model, streaming new text to stdout. Decoding is greedy, and so "
         "deterministic, unless --temperature is given. For instruct models the prompt goes through the "
         "model's chat template as a user message (use --raw to feed it as is).")
-    g.add_argument("prompt", help="the prompt text")
-    _add_model_args(g)
+    g.add_argument("prompt", nargs="?",
+                   help="the prompt text; - reads it from standard input (one final newline is dropped)")
+    g.add_argument("--file", metavar="PATH", help="read the prompt from the UTF-8 text file PATH instead "
+                   "(one final newline is dropped)")
     g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="stop after N new tokens (default 128)")
-    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sample from softmax(logits / T); 0 (the default) is greedy")
-    g.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only among the K most likely tokens (0: off)")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                   help="sample only among the most likely tokens whose probabilities sum to P (1: off)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling: same seed, same text")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
-    g.add_argument("--system", metavar="TEXT", help="the system message for the chat template")
-    g.add_argument("--stats", action="store_true",
-                   help="print token counts, time to first token and tokens/s to stderr")
     g.add_argument("--check-numerics", action="store_true",
                    help="refuse weights holding NaN/Inf, and check every op's output: the first op to produce "
                    "NaN/Inf is an error naming it and its layer (slower; for debugging variants)")
     g.set_defaults(run=cmd_generate)
+
+    t = sub.add_parser(
+        "chat", help="talk with the model, turn by turn", parents=[plugin, _generation_options()],
+        description="A conversation: type a message, the answer streams back. Every turn the whole conversation "
+        "goes through the model's chat template, so it answers in context; when it outgrows the context, the "
+        "oldest exchanges are dropped (the system message stays) with a warning. /reset clears the history, "
+        "/exit or Ctrl-D leaves, Ctrl-C stops the answer being written. When standard input is not a terminal "
+        "each line is one message, and an error ends the session (exit 2).")
+    t.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
+                   help="longest answer, in tokens (default 512); this much room (at most half the context) is "
+                   "kept free for it when old exchanges are dropped")
+    t.add_argument("--show-prompt", action="store_true",
+                   help="before each answer, print to stderr the whole prompt the model reads: the conversation "
+                   "rendered by the chat template, with its token count")
+    t.set_defaults(run=cmd_chat)
+
+    i = sub.add_parser(
+        "info", help="describe a model: architecture, parameters, memory, tokenizer, schedule", parents=[plugin],
+        description="Load a model with a schedule and describe it: its architecture and config, parameter count, "
+        "the bytes its weights take in memory per number format (with what the schedule's prepare steps hold, "
+        "such as fused's concatenated Q/K/V), its tokenizer (vocabulary, special tokens, chat template) and "
+        "which variant each op runs.")
+    _add_model_args(i)
+    i.set_defaults(run=cmd_info)
 
     p = sub.add_parser(
         "pull", help="download and convert the default model (SmolLM2-135M-Instruct)", parents=[plugin],
@@ -139,6 +160,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _generation_options() -> argparse.ArgumentParser:
+    """The options generate and chat share: model, schedule, sampling, when to stop, threads."""
+    p = _Parser(add_help=False)
+    _add_model_args(p)
+    p.add_argument("--system", metavar="TEXT", help="the system message for the chat template")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sample from softmax(logits / T); 0 (the default) is greedy")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only among the K most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample only among the most likely tokens whose probabilities sum to P (1: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling: same seed, same text")
+    p.add_argument("--stop", action="append", metavar="STRING",
+                   help="end the answer where the text produces STRING, which is not printed (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="go on past the end-of-sequence token (until --max-new-tokens, a --stop or the context)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="BLAS and Numba threads (default: their own defaults, all cores)")
+    p.add_argument("--stats", action="store_true",
+                   help="print token counts, time to first token and tokens/s to stderr")
+    p.set_defaults(sets_threads=True)
+    return p
+
+
+def set_threads(n: int) -> None:
+    """Use `n` BLAS and Numba threads. They read these variables when they load, so this runs first."""
+    import os
+
+    from .bench import THREAD_VARS
+
+    if n < 1:
+        raise TinyLLMError(f"--threads must be at least 1, got {n}")
+    if "numpy" in sys.modules or "numba" in sys.modules:  # a bug of ours, not the user's: say so loudly
+        raise RuntimeError("--threads was applied after NumPy or Numba loaded, so it would not take effect")
+    os.environ.update({var: str(n) for var in THREAD_VARS})
+
+
 SPEC_HELP = ("which variant runs for each op: a preset (reference, ...) or op=variant items, comma-separated, "
              "applied left to right (e.g. fused,attention=reference); `tinyllm ops` lists them; "
              "default: the fastest exact preset available")
@@ -154,20 +211,83 @@ def _add_model_args(p, ops=True):
 def cmd_generate(args) -> int:
     from .api import load
 
+    prompt = _prompt_text(args)
     model = load(args.model, ops=args.ops, check_numerics=args.check_numerics)
-    pieces = model.generate(
-        args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, chat=not args.raw, system=args.system, stream=True)
+    pieces = model.generate(prompt, chat=not args.raw, stream=True, **_generation_kwargs(args))
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.stats:
-        s = model.last_stats
-        print(f"prompt tokens: {s.prompt_tokens}  new tokens: {s.new_tokens}  "
-              f"time to first token: {s.ttft_s * 1000:.0f} ms  prefill: {s.prefill_tok_s:.1f} tok/s  "
-              f"decode: {s.decode_tok_s:.1f} tok/s  (stopped by {s.stopped_by})", file=sys.stderr)
+        _print_stats(model.last_stats)
+    return 0
+
+
+def _prompt_text(args) -> str:
+    """The prompt: the argument, standard input (`-`) or --file, read before the model loads."""
+    if args.file is not None and args.prompt is not None:
+        raise TinyLLMError("give the prompt as an argument or with --file, not both")
+    if args.file is not None:
+        try:
+            with open(args.file, "rb") as f:
+                raw, source = f.read(), f"--file {args.file}"
+        except OSError as e:
+            raise TinyLLMError(f"cannot read --file {args.file}: {e.strerror or e}") from None
+    elif args.prompt == "-":
+        raw, source = sys.stdin.buffer.read(), "standard input"
+    elif args.prompt is None:
+        raise TinyLLMError("no prompt: give it as an argument, - to read standard input, or --file PATH")
+    else:
+        return args.prompt
+    # Not-UTF-8 bytes become surrogates here, so the prompt check reports them in one line.
+    text = raw.decode("utf-8", "surrogateescape")
+    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if not text:
+        raise TinyLLMError(f"the prompt from {source} is empty")
+    return text
+
+
+def _generation_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop=args.stop or (), ignore_eos=args.ignore_eos)
+
+
+def _print_stats(s) -> None:
+    print(f"prompt tokens: {s.prompt_tokens}  new tokens: {s.new_tokens}  "
+          f"time to first token: {s.ttft_s * 1000:.0f} ms  prefill: {s.prefill_tok_s:.1f} tok/s  "
+          f"decode: {s.decode_tok_s:.1f} tok/s  (stopped by {s.stopped_by})", file=sys.stderr)
+
+
+def cmd_chat(args) -> int:
+    from . import chat
+    from .api import _check_utf8, load
+
+    _check_utf8("the system message", args.system)
+    model = load(args.model, ops=args.ops)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    session = chat.ChatSession(model, system=args.system, notify=lambda line: log(f"warning: {line}"),
+                               **_generation_kwargs(args))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        log(f"chatting with {model.path.name} ({model.schedule.spec}): /reset clears the history, /exit or Ctrl-D "
+            f"leaves, Ctrl-C stops an answer")
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    chat.run(session, chat.line_reader(interactive), write, log, interactive=interactive,
+             show_prompt=args.show_prompt, after_answer=(lambda: _print_stats(model.last_stats)) if args.stats
+             else (lambda: None))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .api import load
+    from .info import describe
+
+    print(describe(load(args.model, ops=args.ops)))
     return 0
 
 

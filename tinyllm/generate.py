@@ -16,7 +16,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_steps: int = 0  # cached one-token forward passes after the prefill
     decode_s: float = 0.0  # time spent in them (and in choosing their tokens)
-    stopped_by: str = ""  # "eos", "max_new_tokens" or "context"
+    stopped_by: str = ""  # "eos", "max_new_tokens", "context", or "stop" (a stop string, see Model.generate)
 
     @property
     def prefill_tok_s(self) -> float:

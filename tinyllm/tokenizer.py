@@ -43,6 +43,10 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def special_tokens(self) -> dict[int, str]:
+        """The tokens tokenizer.json declares special (`<|im_start|>`, ...): id -> text."""
+        return {i: t.content for i, t in sorted(self._tok.get_added_tokens_decoder().items()) if t.special}
+
     def token_id(self, text: str | None) -> int | None:
         return None if text is None else self._tok.token_to_id(text)
 
