@@ -213,7 +213,8 @@ def cmd_generate(args) -> int:
 
     prompt = _prompt_text(args)
     model = load(args.model, ops=args.ops, check_numerics=args.check_numerics)
-    pieces = model.generate(prompt, chat=not args.raw, stream=True, **_generation_kwargs(args))
+    pieces = model.generate(prompt, chat=not args.raw, system=args.system, stream=True,
+                            **_generation_kwargs(args))
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
