@@ -320,7 +320,6 @@ def test_failing_chat_template(model_copy, template, message):
     (["hi", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
     (["hi", "--max-new-tokens", "ten"], "argument --max-new-tokens: invalid int value: 'ten'"),
     (["hi", "--top-p", "high"], "argument --top-p: invalid float value: 'high'"),
-    ([], "the following arguments are required: prompt"),
     (["hi", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_argument_syntax_errors(tiny_model_dir, args, message):
