@@ -1,6 +1,6 @@
 """tinyllm's schedules and Hugging Face transformers (torch, fp32), side by side in one run.
 
-    python benchmarks/compare.py [--ops SPEC ...] [--rounds 3] [--threads 2] [--json PATH] [--profile]
+    python benchmarks/compare.py [--ops SPEC ...] [--rounds 3] [--threads 2] [--json PATH] [--profile] [--plot PNG]
 
 Every engine runs in its own child process; rounds alternate between them (A B C A B C ...). The
 transformers row needs the test extra (torch, transformers); without it the row is skipped.
@@ -30,7 +30,11 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--plot", help="also draw the tinyllm schedules' per-op profiles into this PNG (implies --profile)")
     args = ap.parse_args()
+    if args.plot:
+        bench.check_can_plot(args.plot)
+        args.profile = True
 
     model = args.model or (str(default_model_dir()) if is_model_dir(default_model_dir()) else str(pull()))
     engines = [bench.tinyllm_engine(s, model, args.prompt_tokens, args.new_tokens, [])
@@ -54,6 +58,8 @@ def main():
     if args.json:
         write_text_atomic(args.json, json.dumps({"machine": info, "results": [bench.summary(e) for e in engines]},
                                                 indent=2) + "\n")
+    if args.plot:
+        bench.plot(engines, args.plot)
 
 
 if __name__ == "__main__":

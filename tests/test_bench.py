@@ -8,7 +8,8 @@ def test_bench_json_and_profile(tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "tinyllm", "bench", "--model", str(tiny_model_dir), "--ops", "reference",
                         "--ops", "fused,attention=reference", "--rounds", "2", "--prompt-tokens", "8",
-                        "--new-tokens", "4", "--threads", "1", "--profile", "--json", str(out)],
+                        "--new-tokens", "4", "--threads", "1", "--profile", "--json", str(out),
+                        "--plot", str(tmp_path / "profile.png")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
@@ -28,6 +29,19 @@ def test_bench_json_and_profile(tiny_model_dir, tmp_path):
         assert rows[-1]["op"] == "(model code)" and abs(sum(row["pct"] for row in rows) - 100) < 1e-6
     assert any(line.split()[:2] == ["swiglu_mlp", "fused"] for line in r.stdout.splitlines())
     assert any(line.split()[:2] == ["attention", "reference"] for line in r.stdout.splitlines())
+
+
+    # the plot: a real PNG (signature, then the IHDR chunk with the image size), not an empty file
+    png = (tmp_path / "profile.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert width >= 800 and height >= 400 and len(png) > 20_000
+
+
+def test_bench_plot_into_a_missing_folder_fails_before_measuring(tiny_model_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tinyllm", "bench", "--model", str(tiny_model_dir), "--ops", "reference",
+                        "--plot", str(tmp_path / "no" / "plot.png")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "directory" in r.stderr and "starting" not in r.stderr, r.stderr
 
 
 def test_bench_rejects_a_bad_spec_before_starting(tiny_model_dir):

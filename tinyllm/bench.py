@@ -28,6 +28,7 @@ from .errors import TinyLLMError
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 SETTLE_S = 0.5
+PROFILE_PREFILLS = 3  # the prefill profile is the mean of this many prefills (one alone is noisy)
 
 
 # ---------------------------------------------------------------------------------- shared helpers
@@ -156,8 +157,8 @@ def _send(obj: dict) -> None:
 
 
 def profile_ops(model, prompt: list[int], steps: int) -> dict[str, list[dict]]:
-    """Where the time goes, op by op: in one prefill of `prompt` ("prefill": ms per prefill) and in
-    the average of `steps` decode steps after it ("decode": ms per step). Each op's time is
+    """Where the time goes, op by op: in a prefill of `prompt` ("prefill": ms per prefill, the mean of
+    PROFILE_PREFILLS) and in the mean of `steps` decode steps after it ("decode": ms per step). Each op's time is
     *exclusive* (a composed composite's rows do not include its steps, which are rows of their own);
     "(model code)" is the rest: the forward pass's own Python between the ops."""
     t = model.transformer
@@ -193,10 +194,11 @@ def profile_ops(model, prompt: list[int], steps: int) -> dict[str, list[dict]]:
     for name, fn in originals.items():
         setattr(table, name, timed(name, fn))
     try:
-        cache = t.new_cache(len(prompt) + steps + 1)
         start = time.perf_counter()
-        token = table.argmax(t.forward(prompt, 0, cache, last_only=True)[-1])
-        prefill = rows(1, time.perf_counter() - start)
+        for _ in range(PROFILE_PREFILLS):
+            cache = t.new_cache(len(prompt) + steps + 1)
+            token = table.argmax(t.forward(prompt, 0, cache, last_only=True)[-1])
+        prefill = rows(PROFILE_PREFILLS, time.perf_counter() - start)
         totals.clear()
         start = time.perf_counter()
         for i in range(steps):
@@ -335,6 +337,65 @@ def format_profile(e: Engine) -> str:
         for r in rows:
             lines.append(f"  {r['op']:<14} {r['variant']:<10} {r['calls']:>5} {r['ms']:>8.3f} {r['pct']:>5.1f}%")
     return "\n".join(lines)
+
+
+def check_can_plot(path) -> None:
+    """--plot's checks, made before anything is measured: matplotlib is there, the folder exists."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise TinyLLMError("--plot needs matplotlib: pip install 'tinyllm-edu[plot]'")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise TinyLLMError(f"cannot write {path}: directory {folder} does not exist")
+
+
+def plot(engines: list[Engine], path) -> None:
+    """A PNG of where the time goes: for each profiled schedule, one bar per phase (a decode step,
+    one prefill) stacked by op, labelled with the phase's tokens/s. Needs matplotlib, an optional
+    extra (`pip install 'tinyllm-edu[plot]'`)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # draw into a file; no window, no display needed
+    import matplotlib.pyplot as plt
+
+    from .files import write_bytes_atomic
+
+    profiled = [e for e in engines if e.profile]
+    if not profiled:
+        raise TinyLLMError("--plot needs a profile: no tinyllm schedule was profiled")
+    names = [e.name for e in profiled]
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 3.0 * len(profiled) + 3.0), 5.5))
+    colors = {}  # one colour per op, the same in both panels
+    for ax, phase, speed in zip(axes, ("decode", "prefill"), ("decode_tok_s", "prefill_tok_s")):
+        ms = [{r["op"]: r["ms"] for r in e.profile[phase]} for e in profiled]
+        totals = [sum(m.values()) for m in ms]
+        # ops that are at least 2% of some bar get a segment of their own; the rest are "other ops"
+        big = sorted({op for m, t in zip(ms, totals) for op, v in m.items() if v >= 0.02 * t},
+                     key=lambda op: -max(m.get(op, 0.0) for m in ms))
+        segments = [(op, [m.get(op, 0.0) for m in ms]) for op in big]
+        segments.append(("other ops", [t - sum(m.get(op, 0.0) for op in big) for m, t in zip(ms, totals)]))
+        bottom = [0.0] * len(profiled)
+        for op, heights in segments:  # the biggest at the bottom of every bar
+            color = colors.setdefault(op, plt.get_cmap("tab20")(len(colors) % 20))
+            ax.bar(names, heights, bottom=bottom, label=op, color=color)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        for i, e in enumerate(profiled):
+            ax.annotate(f"{e.median(speed):.0f} tok/s", (i, bottom[i]), ha="center", va="bottom")
+        ax.set_title("one decode step" if phase == "decode" else "one prefill of the prompt")
+        ax.set_ylabel("ms (exclusive time per op; label: median tokens/s)")
+        ax.set_ylim(0, max(bottom) * 1.12)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.tick_params(axis="x", labelrotation=15)
+    fig.suptitle("tinyllm: where the time goes, per schedule")
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, png.getvalue())
 
 
 def main(argv=None) -> None:

@@ -154,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=128, metavar="N", help="tokens to decode (default 128)")
     b.add_argument("--threads", type=int, default=None, metavar="N",
                    help="BLAS and Numba threads in each run (default: their own defaults, all cores)")
-    b.add_argument("--profile", action="store_true", help="also print a per-op time breakdown of a decode step")
+    b.add_argument("--profile", action="store_true",
+                   help="also print a per-op time breakdown of a prefill and of a decode step")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    b.add_argument("--plot", metavar="PATH", help="also draw the per-op breakdown of each schedule as stacked bars "
+                   "into a PNG at PATH (implies --profile; needs matplotlib: pip install 'tinyllm-edu[plot]')")
     b.set_defaults(run=cmd_bench)
     return parser
 
@@ -393,6 +396,9 @@ def cmd_bench(args) -> int:
 
     plugins = plugins_from_env() + (args.plugin or [])  # each child loads them again
     engines = [bench.tinyllm_engine(s, model, args.prompt_tokens, args.new_tokens, plugins) for s in specs]
+    if args.plot:
+        bench.check_can_plot(args.plot)  # before minutes of measuring, not after
+        args.profile = True
     bench.run(engines, rounds=args.rounds, threads=args.threads, profile=args.profile,
               log=lambda m: print(m, file=sys.stderr))
     info = bench.machine_info(args.threads)
@@ -407,6 +413,8 @@ def cmd_bench(args) -> int:
     if args.json:
         write_text_atomic(args.json, json.dumps({"machine": info, "results": [bench.summary(e) for e in engines]},
                                                 indent=2) + "\n")
+    if args.plot:
+        bench.plot(engines, args.plot)
     return 0
 
 

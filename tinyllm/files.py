@@ -10,6 +10,10 @@ from .errors import TinyLLMError
 
 
 def write_text_atomic(path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path, data: bytes) -> Path:
     path = Path(path)
     if path.is_dir():
         raise TinyLLMError(f"{path} is a directory, not a file to write")
@@ -20,8 +24,8 @@ def write_text_atomic(path, text: str) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a result file should not be
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())  # on disk before it takes the real name
         os.replace(tmp, path)
