@@ -140,8 +140,8 @@ class Model:
             raise TinyLLMError(f"the prompt must be a string, not {type(prompt).__name__}")
         if not prompt:
             raise TinyLLMError("the prompt is empty: give some text to continue")
-        _check_utf8("the prompt", prompt)
-        _check_utf8("the system message", system)
+        check_utf8("the prompt", prompt)
+        check_utf8("the system message", system)
         ids = self.prompt_ids(prompt, chat=chat, system=system)
         pieces = self.generate_text(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                     top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
@@ -219,11 +219,11 @@ def _check_stops(stop) -> list[str]:
     for s in stops:
         if not isinstance(s, str) or not s:
             raise TinyLLMError(f"a stop string must be non-empty text, got {s!r}")
-        _check_utf8("the stop string", s)
+        check_utf8("the stop string", s)
     return stops
 
 
-def _check_utf8(what: str, text) -> None:
+def check_utf8(what: str, text) -> None:
     """Text the tokenizer can take. Command-line bytes that are not UTF-8 reach Python as lone
     surrogates (U+DC80..U+DCFF stand for bytes 0x80..0xFF), which the tokenizer refuses with a TypeError."""
     if not isinstance(text, str):

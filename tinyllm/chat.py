@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .api import _check_utf8
+from .api import check_utf8
 from .errors import TinyLLMError
 
 COMMANDS = {"/reset": "forget the conversation (the system message stays)", "/exit": "leave (so does Ctrl-D)"}
@@ -58,7 +58,7 @@ class ChatSession:
 
     def prompt_ids(self, message: str) -> list[int]:
         """Token ids of the conversation plus `message`, after dropping the oldest exchanges that do not fit."""
-        _check_utf8("the message", message)
+        check_utf8("the message", message)
         budget = self.model.config.max_seq_len - self.answer_room
         ids = self.model.chat_ids(self.conversation.messages(message))
         dropped = 0

@@ -265,9 +265,9 @@ def _print_stats(s) -> None:
 
 def cmd_chat(args) -> int:
     from . import chat
-    from .api import _check_utf8, load
+    from .api import check_utf8, load
 
-    _check_utf8("the system message", args.system)
+    check_utf8("the system message", args.system)
     model = load(args.model, ops=args.ops)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     session = chat.ChatSession(model, system=args.system, notify=lambda line: log(f"warning: {line}"),
