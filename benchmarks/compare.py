@@ -8,12 +8,10 @@ transformers row needs the test extra (torch, transformers); without it the row 
 """
 import argparse
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
 from tinyllm import bench
-from tinyllm.files import write_text_atomic
 from tinyllm.pull import default_model_dir, is_model_dir, pull
 from tinyllm.schedule import PRESETS
 
@@ -32,8 +30,8 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--plot", help="also draw the tinyllm schedules' per-op profiles into this PNG (implies --profile)")
     args = ap.parse_args()
-    if args.plot:
-        bench.check_can_plot(args.plot)
+    bench.check_outputs(args.json, args.plot)
+    if args.plot is not None:
         args.profile = True
 
     model = args.model or (str(default_model_dir()) if is_model_dir(default_model_dir()) else str(pull()))
@@ -47,19 +45,8 @@ def main():
         print("torch/transformers not installed: no transformers row", file=sys.stderr)
     bench.run(engines, rounds=args.rounds, threads=args.threads, profile=args.profile,
               log=lambda m: print(m, file=sys.stderr))
-    info = bench.machine_info(args.threads)
-    print(f"{info['cpu']}, {info['cores']} cores, {args.threads} threads, python {info['python']}, "
-          f"numpy {info['numpy']}, numba {info['numba']}, BLAS {info['blas']}")
-    print(f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, median (min-max) of {args.rounds} rounds\n")
-    print(bench.format_table(engines))
-    for e in engines:
-        if e.profile:
-            print("\n" + bench.format_profile(e))
-    if args.json:
-        write_text_atomic(args.json, json.dumps({"machine": info, "results": [bench.summary(e) for e in engines]},
-                                                indent=2) + "\n")
-    if args.plot:
-        bench.plot(engines, args.plot)
+    bench.report(engines, threads=args.threads, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                 rounds=args.rounds, json_path=args.json, plot_path=args.plot)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_json_and_profile(tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
@@ -38,10 +40,22 @@ def test_bench_json_and_profile(tiny_model_dir, tmp_path):
     assert width >= 800 and height >= 400 and len(png) > 20_000
 
 
-def test_bench_plot_into_a_missing_folder_fails_before_measuring(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("option, where, message", [
+    ("--plot", "no/plot.png", "cannot write --plot {tmp}/no/plot.png: {tmp}/no does not exist"),
+    ("--json", "a-file/out.json", "cannot write --json {tmp}/a-file/out.json: {tmp}/a-file is not a directory"),
+    ("--plot", ".", "--plot {tmp} is a directory"),
+    ("--json", ".", "--json {tmp} is a directory"),
+    ("--json", "", "--json is empty"),
+    ("--plot", "", "--plot is empty"),
+])
+def test_bench_output_that_cannot_be_written_fails_before_measuring(tiny_model_dir, tmp_path, option, where,
+                                                                    message):
+    (tmp_path / "a-file").write_text("")
+    path = str(tmp_path / where) if where else ""
     r = subprocess.run([sys.executable, "-m", "tinyllm", "bench", "--model", str(tiny_model_dir), "--ops", "reference",
-                        "--plot", str(tmp_path / "no" / "plot.png")], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "directory" in r.stderr and "starting" not in r.stderr, r.stderr
+                        option, path], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "starting" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("error: " + message.format(tmp=tmp_path)), r.stderr
 
 
 def test_bench_rejects_a_bad_spec_before_starting(tiny_model_dir):

@@ -339,16 +339,40 @@ def format_profile(e: Engine) -> str:
     return "\n".join(lines)
 
 
-def check_can_plot(path) -> None:
-    """--plot's checks, made before anything is measured: matplotlib is there, the folder exists."""
-    import importlib.util
-    from pathlib import Path
+def report(engines: list[Engine], *, threads: int | None, prompt_tokens: int, new_tokens: int, rounds: int,
+           json_path=None, plot_path=None) -> None:
+    """What `bench` (and benchmarks/compare.py) ends with: the machine, the table and any profiles on
+    stdout, then the --json file and the --plot PNG if asked for."""
+    from .files import write_text_atomic
 
-    if importlib.util.find_spec("matplotlib") is None:
-        raise TinyLLMError("--plot needs matplotlib: pip install 'tinyllm-edu[plot]'")
-    folder = Path(path).parent
-    if not folder.is_dir():
-        raise TinyLLMError(f"cannot write {path}: directory {folder} does not exist")
+    info = machine_info(threads)
+    print(f"{info['cpu']}, {info['cores']} cores, threads {threads or 'default'}, python {info['python']}, "
+          f"numpy {info['numpy']}, numba {info['numba']}, BLAS {info['blas']}")
+    print(f"prompt {prompt_tokens} tokens, {new_tokens} new tokens, median (min-max) of {rounds} rounds\n")
+    print(format_table(engines))
+    for e in engines:
+        if e.profile:
+            print("\n" + format_profile(e))
+    if json_path is not None:
+        write_text_atomic(json_path, json.dumps({"machine": info, "results": [summary(e) for e in engines]},
+                                                indent=2) + "\n")
+    if plot_path is not None:
+        plot(engines, plot_path)
+
+
+def check_outputs(json_path, plot_path) -> None:
+    """--json's and --plot's checks, made before anything is measured, not after minutes of it: each
+    path can be written, and --plot has matplotlib."""
+    import importlib.util
+
+    from .files import check_writable
+
+    if json_path is not None:
+        check_writable(json_path, "--json")
+    if plot_path is not None:
+        check_writable(plot_path, "--plot")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise TinyLLMError("--plot needs matplotlib: pip install 'tinyllm-edu[plot]'")
 
 
 def plot(engines: list[Engine], path) -> None:

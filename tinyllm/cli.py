@@ -374,10 +374,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import json
-
     from . import bench
-    from .files import write_text_atomic
     from .pull import default_model_dir, is_model_dir, pull
     from .schedule import PRESETS, parse
 
@@ -389,6 +386,9 @@ def cmd_bench(args) -> int:
     specs = args.ops or list(PRESETS)
     for spec in specs:
         parse(spec)  # a bad spec fails here, in one line, before any child starts
+    bench.check_outputs(args.json, args.plot)  # so do unwritable --json/--plot paths: not after minutes
+    if args.plot is not None:
+        args.profile = True
     model = args.model
     if model is None and not is_model_dir(default_model_dir()):
         model = str(pull())
@@ -396,25 +396,10 @@ def cmd_bench(args) -> int:
 
     plugins = plugins_from_env() + (args.plugin or [])  # each child loads them again
     engines = [bench.tinyllm_engine(s, model, args.prompt_tokens, args.new_tokens, plugins) for s in specs]
-    if args.plot:
-        bench.check_can_plot(args.plot)  # before minutes of measuring, not after
-        args.profile = True
     bench.run(engines, rounds=args.rounds, threads=args.threads, profile=args.profile,
               log=lambda m: print(m, file=sys.stderr))
-    info = bench.machine_info(args.threads)
-    print(f"{info['cpu']}, {info['cores']} cores, threads {args.threads or 'default'}, python {info['python']}, "
-          f"numpy {info['numpy']}, numba {info['numba']}, BLAS {info['blas']}")
-    print(f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, median (min-max) of {args.rounds} "
-          f"rounds\n")
-    print(bench.format_table(engines))
-    if args.profile:
-        for e in engines:
-            print("\n" + bench.format_profile(e))
-    if args.json:
-        write_text_atomic(args.json, json.dumps({"machine": info, "results": [bench.summary(e) for e in engines]},
-                                                indent=2) + "\n")
-    if args.plot:
-        bench.plot(engines, args.plot)
+    bench.report(engines, threads=args.threads, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                 rounds=args.rounds, json_path=args.json, plot_path=args.plot)
     return 0
 
 

@@ -13,12 +13,23 @@ def write_text_atomic(path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_bytes_atomic(path, data: bytes) -> Path:
+def check_writable(path, option: str | None = None) -> Path:
+    """The checks `write_bytes_atomic` makes, on their own: a command that writes its results after
+    minutes of work (`bench --json/--plot`) makes them first. `option` names the flag in the error."""
+    where = f"{option} {path}" if option else str(path)
+    if not str(path):
+        raise TinyLLMError(f"{option or 'the file name'} is empty: give a file to write")
     path = Path(path)
     if path.is_dir():
-        raise TinyLLMError(f"{path} is a directory, not a file to write")
+        raise TinyLLMError(f"{where} is a directory, not a file to write")
     if not path.parent.is_dir():
-        raise TinyLLMError(f"cannot write {path}: directory {path.parent} does not exist")
+        why = "is not a directory" if path.parent.exists() else "does not exist"
+        raise TinyLLMError(f"cannot write {where}: {path.parent} {why}")
+    return path
+
+
+def write_bytes_atomic(path, data: bytes) -> Path:
+    path = check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
