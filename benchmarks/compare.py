@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from tinyllm import bench
+from tinyllm.errors import TinyLLMError
 from tinyllm.pull import default_model_dir, is_model_dir, pull
 from tinyllm.schedule import PRESETS
 
@@ -50,4 +51,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TinyLLMError as e:  # like the tinyllm command: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
