@@ -175,7 +175,8 @@ def _generation_options() -> argparse.ArgumentParser:
                    help="sample only among the most likely tokens whose probabilities sum to P (1: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling: same seed, same text")
     p.add_argument("--stop", action="append", metavar="STRING",
-                   help="end the answer where the text produces STRING, which is not printed (repeatable)")
+                   help="end the answer where the text produces STRING, which is not printed (repeatable); "
+                   "STRING is taken as is: \"\\n\" is a backslash and an n, in bash $'\\n' is a newline")
     p.add_argument("--ignore-eos", action="store_true",
                    help="go on past the end-of-sequence token (until --max-new-tokens, a --stop or the context)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
