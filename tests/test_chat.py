@@ -104,8 +104,10 @@ def test_ctrl_c_stops_the_answer_not_the_chat(long_context_model):
         proc.send_signal(signal.SIGINT)
         proc.stdin.write(b"/reset\n")  # read only once the chat is back at its prompt
         proc.stdin.flush()
-        while b"(conversation cleared)" not in proc.stderr.readline():
-            pass
+        lines = []  # until the chat answers /reset; if Ctrl-C ended it instead, stderr ends: fail, not hang
+        while not lines or b"(conversation cleared)" not in lines[-1]:
+            lines.append(proc.stderr.readline())
+            assert lines[-1], b"chat ended after Ctrl-C during an answer:\n" + b"".join(lines)
         proc.send_signal(signal.SIGINT)  # at the prompt, Ctrl-C leaves like everywhere else
         _, stderr = proc.communicate(timeout=60)
     finally:
