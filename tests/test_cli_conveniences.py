@@ -117,7 +117,8 @@ def test_info(tiny_model_dir):
     assert LlamaForCausalLM.from_pretrained(tiny_model_dir).num_parameters() == n
     r = run_cli("info", "--model", tiny_model_dir, "--ops", "fused")
     assert r.returncode == 0, r.stderr
-    assert f"parameters: {n:,} " in r.stdout
+    assert f"parameters: {n:,} ({n / 1e6:.3g} M)" in r.stdout  # 43,392 is not "0.0 M"
+    assert re.search(r"^  softmax +numba +\(inside attention, which the model calls", r.stdout, re.M)
     assert f"layers {cfg['num_hidden_layers']}, hidden size {cfg['hidden_size']}" in r.stdout
     assert "chat template: yes" in r.stdout and "<|im_start|> (1)" in r.stdout
     assert re.search(r"^  qkv_rope +fused ", r.stdout, re.M) and re.search(r"^  attention +numba", r.stdout, re.M)

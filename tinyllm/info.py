@@ -36,7 +36,7 @@ def parameter_count(model) -> int:
 
 def _parameters(model) -> list[str]:
     n = parameter_count(model)
-    return [f"parameters: {n:,} ({n / 1e6:.1f} M)"]
+    return [f"parameters: {n:,} ({n / 1e6:.3g} M)"]
 
 
 def _memory(model) -> list[str]:
@@ -81,7 +81,8 @@ def _ops(model) -> list[str]:
     lines = [f"ops (schedule {model.schedule.spec}):"]
     for name, op in OPS.items():
         steps = f"  ({' → '.join(op.composite)})" if op.is_composite else ""
-        lines.append(f"  {name:<{width}}  {model.schedule.choice[name]}{steps}")
+        inside = f"  (inside {op.inside}, which the model calls: scheduling it alone changes nothing)" if op.inside else ""
+        lines.append(f"  {name:<{width}}  {model.schedule.choice[name]}{steps}{inside}")
     return lines
 
 
