@@ -1,0 +1,142 @@
+"""Quantised weight formats: what each stores, and its NumPy reference quantise and dequantise.
+
+Quantisation replaces a group of float32 weights by small integers and one scale for the group:
+
+    q = round(x / scale)        x ≈ q · scale            (and for q4_1, x ≈ q · scale + min)
+
+so a weight costs 8 or 4 bits instead of 32, and a memory-bound decode step reads 4-8× fewer bytes.
+The formats (rows are output channels of a (N, K) weight matrix; K is the dot-product axis):
+
+- `int8`: per row, symmetric. scale = max|row| / 127, q in [-127, 127].
+- `q8_0`: llama.cpp's Q8_0. Blocks of 32 along a row; per block d = max|x| / 127, stored as float16,
+  and q = round(x / d) as int8.
+- `q4_0`: llama.cpp's Q4_0. Blocks of 32; m is the block's value of largest magnitude (with its
+  sign), d = m / -8 as float16, q = x / d + 8 truncated to [0, 15]: 4 bits. Element j of a block
+  is the low nibble of byte j, element j + 16 its high nibble.
+- `q4_1`: llama.cpp's Q4_1. Blocks of 32; d = (max - min) / 15 and min, both float16, and
+  q = (x - min) / d rounded to [0, 15], packed as in q4_0.
+
+The llama.cpp formats are computed exactly as llama.cpp's reference quantiser does it (in float32,
+multiplying by 1/d; the scale rounded to float16 only when stored), so the same weights give the
+same bytes: tests/test_quant.py checks that bit for bit against the `gguf` package.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 32  # values per block in the llama.cpp formats
+
+
+def round_half_away(v: np.ndarray) -> np.ndarray:
+    """C's roundf: halves round away from zero (NumPy's rint rounds them to even). v - trunc(v) is
+    exact in floating point, so the comparison with 0.5 is too (floor(v + 0.5) is not: 0.49999997 + 0.5
+    rounds up to 1.0)."""
+    whole = np.trunc(v)
+    return whole + np.sign(v) * (np.abs(v - whole) >= 0.5)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    """1 / d, and 0 where d is 0 (an all-zero block quantises to zeros)."""
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+
+
+def _blocks(w: np.ndarray) -> np.ndarray:
+    """(N, K) float32 -> (N, K/32, 32) blocks along each row."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2 or w.shape[1] % BLOCK:
+        raise ValueError(f"a {BLOCK}-block format needs a 2-D weight whose rows are a multiple of {BLOCK} long, "
+                         f"got shape {w.shape}")
+    return w.reshape(w.shape[0], -1, BLOCK)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """(..., 32) values in [0, 15] -> (..., 16) bytes: element j low nibble, element j + 16 high."""
+    q = q.astype(np.uint8)
+    return q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << np.uint8(4))
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """(..., 16) bytes -> (..., 32) values in [0, 15], the inverse of the packing above."""
+    return np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=-1)
+
+
+# ---------------------------------------------------------------------------------- the formats
+
+
+@dataclass(frozen=True)
+class Int8:
+    q: np.ndarray  # (N, K) int8
+    scale: np.ndarray  # (N,) float32
+
+    @classmethod
+    def quantize(cls, w: np.ndarray) -> "Int8":
+        w = np.asarray(w, dtype=np.float32)
+        scale = np.abs(w).max(axis=1) / np.float32(127) if w.size else np.zeros(w.shape[0], np.float32)
+        q = round_half_away(w * _inverse(scale)[:, None])
+        return cls(q.astype(np.int8), scale.astype(np.float32))
+
+    def dequantize(self) -> np.ndarray:
+        return self.q.astype(np.float32) * self.scale[:, None]
+
+
+@dataclass(frozen=True)
+class Q8_0:
+    d: np.ndarray  # (N, K/32) float16
+    qs: np.ndarray  # (N, K/32, 32) int8
+
+    @classmethod
+    def quantize(cls, w: np.ndarray) -> "Q8_0":
+        b = _blocks(w)
+        d = np.abs(b).max(axis=-1) / np.float32(127)
+        qs = round_half_away(b * _inverse(d)[..., None])
+        return cls(d.astype(np.float16), qs.astype(np.int8))
+
+    def dequantize(self) -> np.ndarray:
+        x = self.qs.astype(np.float32) * self.d.astype(np.float32)[..., None]
+        return x.reshape(x.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class Q4_0:
+    d: np.ndarray  # (N, K/32) float16
+    qs: np.ndarray  # (N, K/32, 16) uint8, two 4-bit values a byte
+
+    @classmethod
+    def quantize(cls, w: np.ndarray) -> "Q4_0":
+        b = _blocks(w)
+        # the value of largest magnitude, sign kept (the first one, where two tie)
+        m = np.take_along_axis(b, np.abs(b).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        d = m / np.float32(-8)
+        q = np.trunc(b * _inverse(d)[..., None] + np.float32(8.5))
+        return cls(d.astype(np.float16), _pack_nibbles(np.clip(q, 0, 15)))
+
+    def dequantize(self) -> np.ndarray:
+        q = unpack_nibbles(self.qs).astype(np.float32) - np.float32(8)
+        x = self.d.astype(np.float32)[..., None] * q
+        return x.reshape(x.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class Q4_1:
+    d: np.ndarray  # (N, K/32) float16
+    m: np.ndarray  # (N, K/32) float16: each block's minimum
+    qs: np.ndarray  # (N, K/32, 16) uint8, two 4-bit values a byte
+
+    @classmethod
+    def quantize(cls, w: np.ndarray) -> "Q4_1":
+        b = _blocks(w)
+        lo, hi = b.min(axis=-1), b.max(axis=-1)
+        d = (hi - lo) / np.float32(15)
+        q = np.trunc((b - lo[..., None]) * _inverse(d)[..., None] + np.float32(0.5))
+        return cls(d.astype(np.float16), lo.astype(np.float16), _pack_nibbles(np.clip(q, 0, 15)))
+
+    def dequantize(self) -> np.ndarray:
+        q = unpack_nibbles(self.qs).astype(np.float32)
+        x = self.d.astype(np.float32)[..., None] * q + self.m.astype(np.float32)[..., None]
+        return x.reshape(x.shape[0], -1)
+
+
+FORMATS = {"int8": Int8, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}

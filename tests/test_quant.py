@@ -1,0 +1,118 @@
+"""ops/quant.py: the llama.cpp formats bit for bit against the `gguf` package (an independent
+implementation of llama.cpp's reference quantiser), and the int8 format's defining properties."""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GGML
+from gguf import quants
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from ops.quant import BLOCK, Int8, Q4_0, Q4_1, Q8_0, round_half_away
+
+GGML_TYPE = {Q8_0: GGML.Q8_0, Q4_0: GGML.Q4_0, Q4_1: GGML.Q4_1}
+
+
+def ggml_bytes(fmt) -> np.ndarray:
+    """Our quantised tensor in ggml's block layout: per block the float16 scale(s), then the values."""
+    parts = [fmt.d[..., None].view(np.uint8)]
+    if isinstance(fmt, Q4_1):
+        parts.append(fmt.m[..., None].view(np.uint8))
+    parts.append(fmt.qs.view(np.uint8))
+    blocks = np.concatenate(parts, axis=-1)  # (N, K/32, bytes per block)
+    return blocks.reshape(blocks.shape[0], -1)
+
+
+@st.composite
+def weights(draw):
+    """(N, K) float32 weights with the cases a quantiser gets wrong: all-zero blocks, the largest
+    value at a block's first or last position, two values of equal magnitude and opposite sign
+    (q4_0 keeps the first), exact halves (rounding), huge and tiny magnitudes."""
+    n, n_blocks = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    seed, scale = draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from([1.0, 1e-6, 1e-2, 30.0, 1e4]))
+    w = (np.random.default_rng(seed).standard_normal((n, n_blocks * BLOCK)) * scale).astype(np.float32)
+    b = w.reshape(n, n_blocks, BLOCK)
+    for r in range(n):
+        for k in range(n_blocks):
+            case = draw(st.sampled_from(["plain", "zero", "max first", "max last", "tie", "halves"]))
+            peak = np.float32(np.abs(b[r, k]).max() * 3 + scale)
+            if case == "zero":
+                b[r, k] = 0
+            elif case == "max first":
+                b[r, k, 0] = draw(st.sampled_from([peak, -peak]))
+            elif case == "max last":
+                b[r, k, -1] = draw(st.sampled_from([peak, -peak]))
+            elif case == "tie":
+                b[r, k, 3], b[r, k, 20] = peak, -peak
+            elif case == "halves":  # x / d lands on .5 exactly for d = 1 (q8_0: max 127)
+                b[r, k] = np.float32(0.5) * np.arange(BLOCK) - 8
+                b[r, k, 0] = 127
+    return w
+
+
+@pytest.mark.parametrize("fmt", [Q8_0, Q4_0, Q4_1], ids=lambda f: f.__name__)
+@settings(max_examples=150)
+@given(w=weights())
+def test_bit_exact_with_gguf(fmt, w):
+    ours = fmt.quantize(w)
+    theirs = quants.quantize(w, GGML_TYPE[fmt])
+    np.testing.assert_array_equal(ggml_bytes(ours), theirs)
+    # dequantised: the same float32 bits (array_equal on the bits also tells -0.0 from 0.0)
+    np.testing.assert_array_equal(ours.dequantize().view(np.uint32),
+                                  quants.dequantize(theirs, GGML_TYPE[fmt]).astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", [Q8_0, Q4_0, Q4_1], ids=lambda f: f.__name__)
+def test_formats_need_whole_blocks(fmt):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fmt.quantize(np.zeros((2, 48), np.float32))
+
+
+@settings(max_examples=100)
+@given(w=weights())
+def test_q4_1_values_quantise_back_to_themselves(w):
+    """What a q4_1 file holds, dequantised (as the default model's weights are) and quantised again,
+    comes back value for value: the property the q4_1 schedule relies on."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        once = Q4_1.quantize(w).dequantize()
+    assume(np.isfinite(once).all())  # a float16 scale or minimum holds |x| < 65504 only
+    np.testing.assert_array_equal(Q4_1.quantize(once).dequantize(), once)
+
+
+@settings(max_examples=150)
+@given(w=weights())
+def test_int8_per_row(w):
+    f = Int8.quantize(w)
+    assert f.q.dtype == np.int8 and f.scale.shape == (w.shape[0],)
+    np.testing.assert_array_equal(f.scale, np.abs(w).max(axis=1) / np.float32(127))
+    assert np.abs(f.q.astype(np.int32)).max() <= 127
+    # the largest value of each non-zero row is exactly ±127 steps
+    rows = f.scale > 0
+    top = np.abs(w).argmax(axis=1)
+    np.testing.assert_array_equal(np.abs(f.q[np.arange(len(w)), top])[rows], 127)
+    # every value within half a step (plus float32 rounding of the step itself)
+    err = np.abs(f.dequantize() - w)
+    assert np.all(err <= f.scale[:, None] * np.float32(0.5 + 1e-5))
+
+
+def test_round_half_away_is_c_roundf():
+    v = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, -0.49999997, 126.5, 3.0, -0.0], np.float32)
+    np.testing.assert_array_equal(round_half_away(v), [1, 2, 3, -1, -3, 0, 0, 127, 3, 0])
+
+
+@pytest.mark.real_model
+def test_the_default_models_weights_come_back_from_their_file_formats(real_model_dir):
+    """The default model's GGUF stores its projections as Q4_1 and its embedding as Q8_0 (its norms
+    as float32): quantising each float32 matrix to its file's format again gives back exactly the same
+    values. This is what lets the q4_1 schedule hold the model without any loss."""
+    from tinyllm.loading import load_weights
+
+    weights = load_weights(real_model_dir)
+    matrices = {name: w for name, w in weights.items() if w.ndim == 2}
+    assert len(matrices) == 1 + 7 * 30  # the embedding (tied to the LM head) and 7 projections a layer
+    for name, w in matrices.items():
+        fmt = Q8_0 if name == "model.embed_tokens.weight" else Q4_1
+        again = fmt.quantize(w).dequantize()
+        assert np.array_equal(again, w), f"{name} as {fmt.__name__}: {np.count_nonzero(again != w)} values differ"
+    # and the test can tell: the embedding is not made of q4_1 values
+    embed = weights["model.embed_tokens.weight"][:256]
+    assert not np.array_equal(Q4_1.quantize(embed).dequantize(), embed)
