@@ -123,3 +123,63 @@ def norm_head_fused(x, w, eps):
     out = np.empty((x.shape[0], w.weight.shape[0]), dtype=np.float32)
     matvec_rows(h, w.weight, out)
     return out
+
+
+# ---------------------------------------------------------------------------------- int8 variants
+#
+# Weight-only int8 (ops/quant.py: Int8, one scale per output row): the weights are a quarter of the
+# float32 bytes, the activations stay float32. Decode reads int8 rows and widens each value to
+# float32 in a register; prefill widens a tile of rows at a time into a small float32 buffer that
+# stays in cache and hands it to BLAS, so no float32 copy of a whole matrix is ever made.
+
+from .quant import Int8  # noqa: E402
+
+INT8_TILE_ROWS = 256  # rows widened per BLAS call in prefill: 256 x 576 floats = 0.6 MB, inside L2
+
+
+@njit(parallel=True)
+def matvec_int8_rows(x, q, scale, out):
+    """out[t, j] = scale[j] · sum_k x[t, k] · q[j, k]: each int8 row is read once, for every row of x."""
+    T, K = x.shape
+    for j in prange(q.shape[0]):
+        for t in range(T):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += x[t, k] * np.float32(q[j, k])
+            out[t, j] = acc * scale[j]
+
+
+@njit
+def dequantize_int8_rows(q, scale, first, out):
+    """out[i] = q[first + i] · scale[first + i] for the rows of `out` (the reference's dequantise)."""
+    for i in range(out.shape[0]):
+        s = scale[first + i]
+        for k in range(q.shape[1]):
+            out[i, k] = np.float32(q[first + i, k]) * s
+
+
+def linear_int8_reference(x, weight: Int8, bias=None):
+    """The quantised reference: dequantise the whole matrix, then the float32 op."""
+    return linear(x, weight.dequantize(), bias)
+
+
+@variant("linear", "int8", prepare=Int8.quantize, weight_format="int8", reference=linear_int8_reference,
+         available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+def linear_int8(x, weight: Int8, bias=None):
+    """Weight-only int8 (a scale per output row): a parallel int8 matrix-vector kernel for a few rows;
+    for many rows BLAS on tiles of rows widened to float32 in cache, weights on the left."""
+    T, (N, K) = x.shape[0], weight.q.shape
+    if T > FEW_ROWS:
+        out_t = np.empty((N, T), dtype=np.float32)  # W @ x^T: the faster operand order (swiglu_mlp_prefill)
+        tile = np.empty((min(INT8_TILE_ROWS, N), K), dtype=np.float32)
+        for first in range(0, N, INT8_TILE_ROWS):
+            rows = tile[:min(INT8_TILE_ROWS, N - first)]
+            dequantize_int8_rows(weight.q, weight.scale, first, rows)
+            np.matmul(rows, x.T, out=out_t[first:first + rows.shape[0]])
+        out = np.ascontiguousarray(out_t.T)
+    else:
+        out = np.empty((T, N), dtype=np.float32)
+        matvec_int8_rows(x, weight.q, weight.scale, out)
+    if bias is not None:
+        out += bias
+    return out

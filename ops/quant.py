@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK = 32  # values per block in the llama.cpp formats
+CHUNK_ROWS = 1024  # rows quantised at a time (the embedding has 49152)
 
 
 def round_half_away(v: np.ndarray) -> np.ndarray:
@@ -74,9 +75,16 @@ class Int8:
     @classmethod
     def quantize(cls, w: np.ndarray) -> "Int8":
         w = np.asarray(w, dtype=np.float32)
-        scale = np.abs(w).max(axis=1) / np.float32(127) if w.size else np.zeros(w.shape[0], np.float32)
-        q = round_half_away(w * _inverse(scale)[:, None])
-        return cls(q.astype(np.int8), scale.astype(np.float32))
+        q = np.zeros(w.shape, dtype=np.int8)
+        scale = np.zeros(w.shape[0], dtype=np.float32)
+        if w.shape[1] == 0:
+            return cls(q, scale)
+        for first in range(0, w.shape[0], CHUNK_ROWS):  # temporaries of a few MB, not of the whole matrix
+            rows = w[first:first + CHUNK_ROWS]
+            s = np.abs(rows).max(axis=1) / np.float32(127)
+            q[first:first + CHUNK_ROWS] = round_half_away(rows * _inverse(s)[:, None])
+            scale[first:first + CHUNK_ROWS] = s
+        return cls(q, scale)
 
     def dequantize(self) -> np.ndarray:
         return self.q.astype(np.float32) * self.scale[:, None]

@@ -116,3 +116,33 @@ def test_the_default_models_weights_come_back_from_their_file_formats(real_model
     # and the test can tell: the embedding is not made of q4_1 values
     embed = weights["model.embed_tokens.weight"][:256]
     assert not np.array_equal(Q4_1.quantize(embed).dequantize(), embed)
+
+
+def test_int8_quantises_large_matrices_in_chunks_like_row_by_row():
+    w = np.random.default_rng(3).standard_normal((2500, 40)).astype(np.float32)  # crosses two chunk edges
+    whole = Int8.quantize(w)
+    for r in (0, 1023, 1024, 2047, 2048, 2499):
+        row = Int8.quantize(w[r:r + 1])
+        np.testing.assert_array_equal(whole.q[r], row.q[0])
+        assert whole.scale[r] == row.scale[0]
+
+
+@pytest.mark.real_model
+def test_int8_linear_keeps_the_references_top1_on_the_real_model(real_model, real_model_dir):
+    """Weight-only int8 projections, LM head included (the embedding stays float32): on 512 tokens of
+    English prose the prefill (tiles widened into BLAS) and 16 decode steps (the int8 matrix-vector
+    kernel) pick the reference's top-1 token at 95% of positions or more (measured: 95.9% and 16/16;
+    with the head kept in float32 it would be 97.1%)."""
+    import tinyllm
+    from tinyllm.bench import bench_prompt
+
+    int8 = tinyllm.load(real_model_dir, ops="numba,linear=int8")
+    ids = bench_prompt(real_model.tokenizer.encode, 528)
+    ref, ours = real_model.logits(ids[:512]), int8.logits(ids[:512])
+    prefill_top1 = np.mean(ref.argmax(-1) == ours.argmax(-1))
+    real_model.prefill(ids[:512])
+    int8.prefill(ids[:512])
+    steps = [(real_model.step(t), int8.step(t)) for t in ids[512:]]
+    decode_top1 = np.mean([a.argmax() == b.argmax() for a, b in steps])
+    assert prefill_top1 >= 0.95 and decode_top1 >= 0.9, (prefill_top1, decode_top1)
+    assert not np.array_equal(ref, ours)  # it does run on other weights
