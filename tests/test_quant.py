@@ -53,8 +53,9 @@ def weights(draw):
 @settings(max_examples=150)
 @given(w=weights())
 def test_bit_exact_with_gguf(fmt, w):
-    ours = fmt.quantize(w)
-    theirs = quants.quantize(w, GGML_TYPE[fmt])
+    with np.errstate(over="ignore"):  # |x| past float16's 65504 makes an infinite scale, in both alike
+        ours = fmt.quantize(w)
+        theirs = quants.quantize(w, GGML_TYPE[fmt])
     np.testing.assert_array_equal(ggml_bytes(ours), theirs)
     # dequantised: the same float32 bits (array_equal on the bits also tells -0.0 from 0.0)
     np.testing.assert_array_equal(ours.dequantize().view(np.uint32),
