@@ -163,3 +163,52 @@ def swiglu_mlp_fused(h, w):
     out = np.empty((h.shape[0], w.down.shape[0]), dtype=np.float32)
     matvec_rows(a, w.down, out)
     return out
+
+
+# ---------------------------------------------------------------------------------- int8 variant
+
+from .linear import linear_int8, matvec_int8_rows  # noqa: E402
+from .quant import Int8  # noqa: E402
+from .registry import reference_function  # noqa: E402
+
+
+def prepare_mlp_int8(w: Weights) -> Weights:
+    """Once per schedule: the three projections as int8 with a scale per row (ops/quant.py)."""
+    return Weights(gate=Int8.quantize(w.gate), up=Int8.quantize(w.up), down=Int8.quantize(w.down))
+
+
+def swiglu_mlp_int8_reference(h, w: Weights):
+    """The quantised reference: the float32 MLP on the dequantised projections."""
+    return reference_function("swiglu_mlp")(h, Weights(gate=w.gate.dequantize(), up=w.up.dequantize(),
+                                                        down=w.down.dequantize()))
+
+
+@njit(parallel=True)
+def gate_up_int8_rows(h, gate_q, gate_scale, up_q, up_scale, out):
+    """gate_up_rows on int8 rows: out[t, j] = silu(g) · u with g = gate_scale[j] · h[t]·gate_q[j]
+    and u likewise; each int8 value is widened to float32 in a register."""
+    T, D = h.shape
+    for j in prange(gate_q.shape[0]):
+        for t in range(T):
+            g = np.float32(0.0)
+            u = np.float32(0.0)
+            for k in range(D):
+                g += h[t, k] * np.float32(gate_q[j, k])
+                u += h[t, k] * np.float32(up_q[j, k])
+            out[t, j] = silu_scalar(g * gate_scale[j]) * (u * up_scale[j])
+
+
+@variant("swiglu_mlp", "int8", prepare=prepare_mlp_int8, weight_format="int8", reference=swiglu_mlp_int8_reference,
+         **NUMBA)
+def swiglu_mlp_int8(h, w):
+    """The SwiGLU MLP on int8 projections: for a few rows gate·up·silu in one pass over the int8
+    rows, then the int8 down projection; for many rows linear=int8's tiles into BLAS, the gate in place."""
+    if h.shape[0] > FEW_ROWS:
+        g, u = linear_int8(h, w.gate), linear_int8(h, w.up)
+        swiglu_inplace(g, u)  # g <- silu(g) * u
+        return linear_int8(g, w.down)
+    a = np.empty((h.shape[0], w.gate.q.shape[0]), dtype=np.float32)
+    gate_up_int8_rows(h, w.gate.q, w.gate.scale, w.up.q, w.up.scale, a)
+    out = np.empty((h.shape[0], w.down.q.shape[0]), dtype=np.float32)
+    matvec_int8_rows(a, w.down.q, w.down.scale, out)
+    return out

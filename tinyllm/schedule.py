@@ -35,10 +35,15 @@ from .loading import release_pages
 def _kernel_presets() -> dict[str, dict[str, str]]:
     """`numba`: every primitive op that has a Numba variant runs it (composites composed of them).
     `fused`: that, plus every composite's fused kernel. Built from what is registered, so both are
-    consistent by construction (all fp32)."""
-    numba = {name: "numba" for name, o in OPS.items() if not o.is_composite and "numba" in ops_pkg.VARIANTS[name]}
-    fused = {name: "fused" for name, o in OPS.items() if o.is_composite and "fused" in ops_pkg.VARIANTS[name]}
-    return {"numba": numba, "fused": {**numba, **fused}}
+    consistent by construction (all fp32). `int8`: `numba` with int8 weights (ops/quant.py) for every
+    projection, through a composite's int8 kernel where it has one, else composed over linear=int8;
+    not exact, so never the default."""
+    variants = ops_pkg.VARIANTS
+    numba = {name: "numba" for name, o in OPS.items() if not o.is_composite and "numba" in variants[name]}
+    fused = {name: "fused" for name, o in OPS.items() if o.is_composite and "fused" in variants[name]}
+    int8 = {name: "int8" for name, o in OPS.items() if o.is_composite and "int8" in variants[name]}
+    return {"numba": numba, "fused": {**numba, **fused},
+            "int8": {**numba, "linear": "int8", "add_rmsnorm": "fused", **int8}}
 
 
 # Preset name -> {op: variant} on top of `reference`. Plugins may add theirs with `register_preset`.
