@@ -161,6 +161,8 @@ from .jit import FEW_ROWS, NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa:
 from .registry import variant  # noqa: E402
 from .norm import rmsnorm_rows  # noqa: E402
 from .rope import rope_kernel  # noqa: E402
+from .linear import weights_times_transposed  # noqa: E402
+from .quant import Int8  # noqa: E402
 
 _NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
 
@@ -442,11 +444,28 @@ def qkv_rope_decode_parallel(x, norm, wqkv, bqkv, cos, sin, eps, n_q, n_kv, out)
     _bias_and_rope(out, bqkv, cos, sin, n_q, n_kv)
 
 
+@njit(parallel=True)
+def qkv_rope_decode_int8(x, norm, q, scale, bqkv, cos, sin, eps, n_q, n_kv, out):
+    """qkv_rope_decode_parallel on an int8 Wqkv: each row's dot product widens the int8 values in
+    registers and is scaled once at the end (a quarter of the bytes streamed)."""
+    h = _normalised(x, norm, eps)
+    for j in prange(q.shape[0]):
+        acc = np.float32(0.0)
+        for c in range(h.shape[0]):
+            acc += np.float32(q[j, c]) * h[c]
+        out[j] = acc * scale[j]
+    _bias_and_rope(out, bqkv, cos, sin, n_q, n_kv)
+
+
 def qkv_rope_decode(x, w, cos, sin, eps):
     """x (1, D) -> q, k, v: views into the one output row the fused kernel writes."""
     n_q, n_kv, d = w.n_q, w.n_kv, 2 * cos.shape[1]
+    bias, eps = _NO_BIAS if w.bqkv is None else w.bqkv, np.float32(eps)
     out = np.empty(w.wqkv.shape[0], dtype=np.float32)
-    qkv_rope_decode_parallel(x[0], w.norm, w.wqkv, _NO_BIAS if w.bqkv is None else w.bqkv, cos, sin, np.float32(eps), n_q, n_kv, out)
+    if isinstance(w.wqkv, Int8):
+        qkv_rope_decode_int8(x[0], w.norm, w.wqkv.q, w.wqkv.scale, bias, cos, sin, eps, n_q, n_kv, out)
+    else:
+        qkv_rope_decode_parallel(x[0], w.norm, w.wqkv, bias, cos, sin, eps, n_q, n_kv, out)
     return (out[:n_q].reshape(1, -1, d), out[n_q:n_q + n_kv].reshape(1, -1, d),
             out[n_q + n_kv:].reshape(1, -1, d))
 
@@ -460,7 +479,7 @@ def qkv_rope_prefill(x, w, cos, sin, eps):
     T, d, n_q, n_kv = x.shape[0], 2 * cos.shape[1], w.n_q, w.n_kv
     h = np.empty_like(x)
     rmsnorm_rows(x, w.norm, np.float32(eps), h)
-    qkv = w.wqkv @ h.T  # (rows, T): one sgemm
+    qkv = weights_times_transposed(w.wqkv, h)  # (rows, T): one sgemm (in tiles for an int8 Wqkv)
     if w.bqkv is not None:
         qkv += w.bqkv[:, None]
     q = np.empty((T, n_q // d, d), dtype=np.float32)
@@ -475,5 +494,34 @@ def qkv_rope_fused(x, w, cos, sin, eps):
     """rmsnorm, the Q/K/V projections and RoPE: one compiled pass over Wqkv for decode (T = 1),
     one BLAS matmul with the norm and RoPE around it for prefill."""
     if x.shape[0] == 1:  # the decode kernel is written for one row
+        return qkv_rope_decode(x, w, cos, sin, eps)
+    return qkv_rope_prefill(x, w, cos, sin, eps)
+
+
+# -- qkv_rope on int8 weights ----------------------------------------------------------------------
+
+def prepare_qkv_int8(w: Weights) -> Weights:
+    """prepare_qkv, then the stacked Wqkv as int8 with a scale per row (ops/quant.py)."""
+    stacked = prepare_qkv(w)
+    return stacked.replace(wqkv=Int8.quantize(stacked.wqkv))
+
+
+def qkv_rope_int8_reference(x, w: Weights, cos, sin, eps):
+    """The quantised reference: the float32 qkv_rope on the dequantised Wq, Wk, Wv (and biases)."""
+    from .registry import reference_function
+
+    ends = (w.n_q, w.n_q + w.n_kv)
+    wq, wk, wv = np.split(w.wqkv.dequantize(), ends)
+    bq, bk, bv = np.split(w.bqkv, ends) if w.bqkv is not None else (None, None, None)
+    raw = Weights(norm=w.norm, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv)
+    return reference_function("qkv_rope")(x, raw, cos, sin, eps)
+
+
+@variant("qkv_rope", "int8", prepare=prepare_qkv_int8, weight_format="int8", reference=qkv_rope_int8_reference,
+         **_NUMBA)
+def qkv_rope_int8(x, w, cos, sin, eps):
+    """qkv_rope=fused on an int8 Wqkv: for decode the same one pass (norm, stream, bias and RoPE)
+    reading int8 rows; for prefill the norm, Wqkv @ h^T in tiles widened into BLAS, then RoPE."""
+    if x.shape[0] == 1:
         return qkv_rope_decode(x, w, cos, sin, eps)
     return qkv_rope_prefill(x, w, cos, sin, eps)

@@ -158,6 +158,22 @@ def dequantize_int8_rows(q, scale, first, out):
             out[i, k] = np.float32(q[first + i, k]) * s
 
 
+def weights_times_transposed(weight, x) -> np.ndarray:
+    """W @ x^T, (N, T), for many rows x (prefill): the operand order OpenBLAS runs faster for our
+    shapes (see swiglu_mlp_prefill). A float32 W goes to BLAS whole; an Int8 one in tiles of rows,
+    each widened to float32 in cache first, so no float32 copy of the whole matrix is ever made."""
+    if not isinstance(weight, Int8):
+        return weight @ x.T
+    N, K = weight.q.shape
+    out = np.empty((N, x.shape[0]), dtype=np.float32)
+    tile = np.empty((min(INT8_TILE_ROWS, N), K), dtype=np.float32)
+    for first in range(0, N, INT8_TILE_ROWS):
+        rows = tile[:min(INT8_TILE_ROWS, N - first)]
+        dequantize_int8_rows(weight.q, weight.scale, first, rows)
+        np.matmul(rows, x.T, out=out[first:first + rows.shape[0]])
+    return out
+
+
 def linear_int8_reference(x, weight: Int8, bias=None):
     """The quantised reference: dequantise the whole matrix, then the float32 op."""
     return linear(x, weight.dequantize(), bias)
@@ -168,15 +184,9 @@ def linear_int8_reference(x, weight: Int8, bias=None):
 def linear_int8(x, weight: Int8, bias=None):
     """Weight-only int8 (a scale per output row): a parallel int8 matrix-vector kernel for a few rows;
     for many rows BLAS on tiles of rows widened to float32 in cache, weights on the left."""
-    T, (N, K) = x.shape[0], weight.q.shape
+    T, N = x.shape[0], weight.q.shape[0]
     if T > FEW_ROWS:
-        out_t = np.empty((N, T), dtype=np.float32)  # W @ x^T: the faster operand order (swiglu_mlp_prefill)
-        tile = np.empty((min(INT8_TILE_ROWS, N), K), dtype=np.float32)
-        for first in range(0, N, INT8_TILE_ROWS):
-            rows = tile[:min(INT8_TILE_ROWS, N - first)]
-            dequantize_int8_rows(weight.q, weight.scale, first, rows)
-            np.matmul(rows, x.T, out=out_t[first:first + rows.shape[0]])
-        out = np.ascontiguousarray(out_t.T)
+        out = np.ascontiguousarray(weights_times_transposed(weight, x).T)
     else:
         out = np.empty((T, N), dtype=np.float32)
         matvec_int8_rows(x, weight.q, weight.scale, out)

@@ -72,6 +72,11 @@ class Int8:
     q: np.ndarray  # (N, K) int8
     scale: np.ndarray  # (N,) float32
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of the float32 matrix it stands for."""
+        return self.q.shape
+
     @classmethod
     def quantize(cls, w: np.ndarray) -> "Int8":
         w = np.asarray(w, dtype=np.float32)
