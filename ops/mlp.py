@@ -71,7 +71,7 @@ def swiglu_mlp(ops, h, w):
 # ---------------------------------------------------------------------------------- numba variants
 
 from .jit import FEW_ROWS, NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
-from .linear import linear, matvec_rows  # noqa: E402,I001
+from .linear import matvec_rows, weights_times_transposed  # noqa: E402,I001
 from .registry import variant  # noqa: E402
 
 NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
@@ -145,11 +145,12 @@ def swiglu_mlp_prefill(h, w):
     left, W @ h^T, so every product comes out transposed ((F, T), then (D, T)): the same dot
     products, but OpenBLAS runs this operand order 10-15% faster here for these shapes (128x576
     by 576x1536: ~195 against ~172 GFLOP/s, benchmarks/RESULTS.md). The (D, T) result is copied
-    back to (T, D) rows (0.3 MB), so the kernels after it keep their contiguous fast path."""
-    g = w.gate @ h.T  # (F, T)
-    u = w.up @ h.T
+    back to (T, D) rows (0.3 MB), so the kernels after it keep their contiguous fast path. Int8
+    projections go the same way, in tiles (ops/linear.py::weights_times_transposed)."""
+    g = weights_times_transposed(w.gate, h)  # (F, T)
+    u = weights_times_transposed(w.up, h)
     swiglu_inplace(g, u)  # g <- silu(g) * u
-    return np.ascontiguousarray((w.down @ g).T)
+    return np.ascontiguousarray(weights_times_transposed(w.down, g.T).T)
 
 
 @variant("swiglu_mlp", "fused", **NUMBA)
@@ -167,7 +168,7 @@ def swiglu_mlp_fused(h, w):
 
 # ---------------------------------------------------------------------------------- int8 variant
 
-from .linear import linear_int8, matvec_int8_rows  # noqa: E402
+from .linear import matvec_int8_rows  # noqa: E402
 from .quant import Int8  # noqa: E402
 from .registry import reference_function  # noqa: E402
 
@@ -202,11 +203,9 @@ def gate_up_int8_rows(h, gate_q, gate_scale, up_q, up_scale, out):
          **NUMBA)
 def swiglu_mlp_int8(h, w):
     """The SwiGLU MLP on int8 projections: for a few rows gate·up·silu in one pass over the int8
-    rows, then the int8 down projection; for many rows linear=int8's tiles into BLAS, the gate in place."""
+    rows, then the int8 down projection; for many rows swiglu_mlp_prefill, int8 tiles into BLAS."""
     if h.shape[0] > FEW_ROWS:
-        g, u = linear_int8(h, w.gate), linear_int8(h, w.up)
-        swiglu_inplace(g, u)  # g <- silu(g) * u
-        return linear_int8(g, w.down)
+        return swiglu_mlp_prefill(h, w)
     a = np.empty((h.shape[0], w.gate.q.shape[0]), dtype=np.float32)
     gate_up_int8_rows(h, w.gate.q, w.gate.scale, w.up.q, w.up.scale, a)
     out = np.empty((h.shape[0], w.down.q.shape[0]), dtype=np.float32)
