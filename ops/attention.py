@@ -100,12 +100,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np
     return out.reshape(n_kv, group, T, d).transpose(2, 0, 1, 3).reshape(T, n_heads, d)
 
 
-def _qkv_rope_inputs():
+def _qkv_rope_inputs(multiple: int = 1):
+    """`multiple`: D (the projections' input length) is a multiple of it."""
     from hypothesis import strategies as st
 
     @st.composite
     def args(draw):
-        T, D = draw(st.integers(1, 16), label="T"), draw(st.integers(1, 96), label="D")
+        T, D = draw(st.integers(1, 16), label="T"), multiple * draw(st.integers(1, 96 // multiple), label="D")
         n_kv, group = draw(st.integers(1, 3), label="KV heads"), draw(st.integers(1, 4), label="GQA ratio")
         d = 2 * draw(st.integers(1, 24), label="d/2")
         cos, sin = draw_rope_tables(draw, T, d)
@@ -162,7 +163,6 @@ from .registry import variant  # noqa: E402
 from .norm import rmsnorm_rows  # noqa: E402
 from .rope import rope_kernel  # noqa: E402
 from .linear import weights_times_transposed  # noqa: E402
-from .quant import Int8  # noqa: E402
 
 _NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
 
@@ -359,11 +359,15 @@ def attention_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int)
 
 # -- qkv_rope: rmsnorm -> Q/K/V projections -> RoPE, fused -----------------------------------------
 
-def prepare_qkv(w: Weights) -> Weights:
+def prepare_qkv(w: Weights, stack=None) -> Weights:
     """Once per schedule: stack Wq, Wk, Wv into one (Hq·d + 2·Hkv·d, D) matrix, so decode reads all
     three projections as one contiguous stream of rows with one kernel launch. The separate matrices
-    are dropped (no second copy of the weights is kept); n_q, n_kv record where K and V start."""
-    wqkv = np.ascontiguousarray(np.concatenate([w.wq, w.wk, w.wv]), dtype=np.float32)
+    are dropped (no second copy of the weights is kept); n_q, n_kv record where K and V start.
+    `stack`: how the three are stacked, for weights in a quantised format (ops/quantized.py)."""
+    if stack is None:
+        wqkv = np.ascontiguousarray(np.concatenate([w.wq, w.wk, w.wv]), dtype=np.float32)
+    else:
+        wqkv = stack([w.wq, w.wk, w.wv])
     biases = (w.bq, w.bk, w.bv)
     bqkv = None
     if any(b is not None for b in biases):  # a missing bias is a zero bias
@@ -444,28 +448,15 @@ def qkv_rope_decode_parallel(x, norm, wqkv, bqkv, cos, sin, eps, n_q, n_kv, out)
     _bias_and_rope(out, bqkv, cos, sin, n_q, n_kv)
 
 
-@njit(parallel=True)
-def qkv_rope_decode_int8(x, norm, q, scale, bqkv, cos, sin, eps, n_q, n_kv, out):
-    """qkv_rope_decode_parallel on an int8 Wqkv: each row's dot product widens the int8 values in
-    registers and is scaled once at the end (a quarter of the bytes streamed)."""
-    h = _normalised(x, norm, eps)
-    for j in prange(q.shape[0]):
-        acc = np.float32(0.0)
-        for c in range(h.shape[0]):
-            acc += np.float32(q[j, c]) * h[c]
-        out[j] = acc * scale[j]
-    _bias_and_rope(out, bqkv, cos, sin, n_q, n_kv)
-
-
 def qkv_rope_decode(x, w, cos, sin, eps):
     """x (1, D) -> q, k, v: views into the one output row the fused kernel writes."""
     n_q, n_kv, d = w.n_q, w.n_kv, 2 * cos.shape[1]
     bias, eps = _NO_BIAS if w.bqkv is None else w.bqkv, np.float32(eps)
     out = np.empty(w.wqkv.shape[0], dtype=np.float32)
-    if isinstance(w.wqkv, Int8):
-        qkv_rope_decode_int8(x[0], w.norm, w.wqkv.q, w.wqkv.scale, bias, cos, sin, eps, n_q, n_kv, out)
-    else:
+    if isinstance(w.wqkv, np.ndarray):
         qkv_rope_decode_parallel(x[0], w.norm, w.wqkv, bias, cos, sin, eps, n_q, n_kv, out)
+    else:  # a quantised Wqkv runs its format's kernel (ops/quantized.py)
+        w.wqkv.qkv_rope_decode(x[0], w.norm, bias, cos, sin, eps, n_q, n_kv, out)
     return (out[:n_q].reshape(1, -1, d), out[n_q:n_q + n_kv].reshape(1, -1, d),
             out[n_q + n_kv:].reshape(1, -1, d))
 
@@ -479,7 +470,7 @@ def qkv_rope_prefill(x, w, cos, sin, eps):
     T, d, n_q, n_kv = x.shape[0], 2 * cos.shape[1], w.n_q, w.n_kv
     h = np.empty_like(x)
     rmsnorm_rows(x, w.norm, np.float32(eps), h)
-    qkv = weights_times_transposed(w.wqkv, h)  # (rows, T): one sgemm (in tiles for an int8 Wqkv)
+    qkv = weights_times_transposed(w.wqkv, h)  # (rows, T): one sgemm (in tiles for a quantised Wqkv)
     if w.bqkv is not None:
         qkv += w.bqkv[:, None]
     q = np.empty((T, n_q // d, d), dtype=np.float32)
@@ -494,34 +485,5 @@ def qkv_rope_fused(x, w, cos, sin, eps):
     """rmsnorm, the Q/K/V projections and RoPE: one compiled pass over Wqkv for decode (T = 1),
     one BLAS matmul with the norm and RoPE around it for prefill."""
     if x.shape[0] == 1:  # the decode kernel is written for one row
-        return qkv_rope_decode(x, w, cos, sin, eps)
-    return qkv_rope_prefill(x, w, cos, sin, eps)
-
-
-# -- qkv_rope on int8 weights ----------------------------------------------------------------------
-
-def prepare_qkv_int8(w: Weights) -> Weights:
-    """prepare_qkv, then the stacked Wqkv as int8 with a scale per row (ops/quant.py)."""
-    stacked = prepare_qkv(w)
-    return stacked.replace(wqkv=Int8.quantize(stacked.wqkv))
-
-
-def qkv_rope_int8_reference(x, w: Weights, cos, sin, eps):
-    """The quantised reference: the float32 qkv_rope on the dequantised Wq, Wk, Wv (and biases)."""
-    from .registry import reference_function
-
-    ends = (w.n_q, w.n_q + w.n_kv)
-    wq, wk, wv = np.split(w.wqkv.dequantize(), ends)
-    bq, bk, bv = np.split(w.bqkv, ends) if w.bqkv is not None else (None, None, None)
-    raw = Weights(norm=w.norm, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv)
-    return reference_function("qkv_rope")(x, raw, cos, sin, eps)
-
-
-@variant("qkv_rope", "int8", prepare=prepare_qkv_int8, weight_format="int8", reference=qkv_rope_int8_reference,
-         **_NUMBA)
-def qkv_rope_int8(x, w, cos, sin, eps):
-    """qkv_rope=fused on an int8 Wqkv: for decode the same one pass (norm, stream, bias and RoPE)
-    reading int8 rows; for prefill the norm, Wqkv @ h^T in tiles widened into BLAS, then RoPE."""
-    if x.shape[0] == 1:
         return qkv_rope_decode(x, w, cos, sin, eps)
     return qkv_rope_prefill(x, w, cos, sin, eps)

@@ -72,14 +72,15 @@ def check_variant(op_name: str, variant_name: str, *, max_examples: int = 100, s
             seen["last_failure"] = (error, describe_args(args))
             raise _Mismatch(error)
 
-    for args in op.examples():  # the explicit edge cases first: catching a bug never depends on luck
+    for args in (v.examples or op.examples)():  # the explicit edge cases first: catching a bug never depends on luck
         try:
             run_one(args)
         except _Mismatch:
             return CheckResult(op_name, v.name, False, seen["n"], *seen["last_failure"])
 
-    if op.inputs is not None:
-        test = given(op.inputs())(run_one)
+    inputs = v.inputs or op.inputs
+    if inputs is not None:
+        test = given(inputs())(run_one)
         test = settings(max_examples=max_examples, deadline=None, database=None, derandomize=False,
                         suppress_health_check=list(HealthCheck), print_blob=False)(test)
         test = hypothesis_seed(seed)(test)

@@ -7,12 +7,14 @@ from .registry import Weights, close, op, random_array
 SCALES = (1.0, 1e-3, 1e3)
 
 
-def _linear_inputs():
+def _linear_inputs(multiple: int = 1):
+    """`multiple`: the input length is a multiple of it (a 32-block weight format needs 32)."""
     from hypothesis import strategies as st
 
     @st.composite
     def args(draw):
-        T, n_in, n_out = draw(st.integers(1, 40)), draw(st.integers(1, 300)), draw(st.integers(1, 300))
+        T, n_in, n_out = draw(st.integers(1, 40)), multiple * draw(st.integers(1, 300 // multiple)), draw(
+            st.integers(1, 300))
         x = random_array(draw, (T, n_in), SCALES, zero_rows=True)
         w = random_array(draw, (n_out, n_in), SCALES)
         bias = random_array(draw, (n_out,)) if draw(st.booleans(), label="bias") else None
@@ -46,12 +48,12 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     return y
 
 
-def _norm_head_inputs():
+def _norm_head_inputs(multiple: int = 1):
     from hypothesis import strategies as st
 
     @st.composite
     def args(draw):
-        T, D, V = draw(st.integers(1, 8)), draw(st.integers(1, 128)), draw(st.integers(1, 500))
+        T, D, V = draw(st.integers(1, 8)), multiple * draw(st.integers(1, 128 // multiple)), draw(st.integers(1, 500))
         x = random_array(draw, (T, D), (1.0, 1e-3, 1e2))
         return x, Weights(norm=random_array(draw, (D,)), weight=random_array(draw, (V, D))), 1e-5
 
@@ -125,94 +127,25 @@ def norm_head_fused(x, w, eps):
     return out
 
 
-# ---------------------------------------------------------------------------------- int8 variants
-#
-# Weight-only int8 (ops/quant.py: Int8, one scale per output row): the weights are a quarter of the
-# float32 bytes, the activations stay float32. Decode reads int8 rows and widens each value to
-# float32 in a register; prefill widens a tile of rows at a time into a small float32 buffer that
-# stays in cache and hands it to BLAS, so no float32 copy of a whole matrix is ever made.
+# ---------------------------------------------------------------------------------- prefill, any format
 
-from .quant import Int8  # noqa: E402
-
-INT8_TILE_ROWS = 512  # rows widened per BLAS call in prefill: 512 x 576 floats = 1.2 MB, inside L2
-
-
-@njit(parallel=True)
-def matvec_int8_rows(x, q, scale, out):
-    """out[t, j] = scale[j] · sum_k x[t, k] · q[j, k]: each int8 row is read once, for every row of x."""
-    T, K = x.shape
-    for j in prange(q.shape[0]):
-        for t in range(T):
-            acc = np.float32(0.0)
-            for k in range(K):
-                acc += x[t, k] * np.float32(q[j, k])
-            out[t, j] = acc * scale[j]
-
-
-@njit
-def dequantize_int8_rows(q, scale, first, out):
-    """out[i] = q[first + i] · scale[first + i] for the rows of `out` (the reference's dequantise)."""
-    for i in range(out.shape[0]):
-        s = scale[first + i]
-        for k in range(q.shape[1]):
-            out[i, k] = np.float32(q[first + i, k]) * s
+TILE_ROWS = 512  # rows widened per BLAS call for a quantised weight: 512 x 576 floats = 1.2 MB, inside L2
 
 
 def weights_times_transposed(weight, x) -> np.ndarray:
     """W @ x^T, (N, T), for many rows x (prefill): the operand order OpenBLAS runs faster for our
-    shapes (see swiglu_mlp_prefill). A float32 W goes to BLAS whole; an Int8 one in tiles of rows,
-    each widened to float32 in cache first, so no float32 copy of the whole matrix is ever made."""
-    if not isinstance(weight, Int8):
+    shapes (see ops/mlp.py::swiglu_mlp_prefill). A float32 W goes to BLAS whole. A quantised one
+    (ops/quantized.py) in tiles of rows, each dequantised into a float32 buffer that stays in cache,
+    so no float32 copy of the whole matrix is ever made; x first gets what the format does to
+    activations (q8_0 rounds them per block of 32, as its decode kernels do)."""
+    if isinstance(weight, np.ndarray):
         return weight @ x.T
-    N, K = weight.q.shape
+    x = weight.round_activations(x)
+    N, K = weight.shape
     out = np.empty((N, x.shape[0]), dtype=np.float32)
-    tile = np.empty((min(INT8_TILE_ROWS, N), K), dtype=np.float32)
-    for first in range(0, N, INT8_TILE_ROWS):
-        rows = tile[:min(INT8_TILE_ROWS, N - first)]
-        dequantize_int8_rows(weight.q, weight.scale, first, rows)
+    tile = np.empty((min(TILE_ROWS, N), K), dtype=np.float32)
+    for first in range(0, N, TILE_ROWS):
+        rows = tile[:min(TILE_ROWS, N - first)]
+        weight.dequantize_rows(first, rows)
         np.matmul(rows, x.T, out=out[first:first + rows.shape[0]])
     return out
-
-
-def linear_int8_reference(x, weight: Int8, bias=None):
-    """The quantised reference: dequantise the whole matrix, then the float32 op."""
-    return linear(x, weight.dequantize(), bias)
-
-
-@variant("linear", "int8", prepare=Int8.quantize, weight_format="int8", reference=linear_int8_reference,
-         available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
-def linear_int8(x, weight: Int8, bias=None):
-    """Weight-only int8 (a scale per output row): a parallel int8 matrix-vector kernel for a few rows;
-    for many rows BLAS on tiles of rows widened to float32 in cache, weights on the left."""
-    T, N = x.shape[0], weight.q.shape[0]
-    if T > FEW_ROWS:
-        out = np.ascontiguousarray(weights_times_transposed(weight, x).T)
-    else:
-        out = np.empty((T, N), dtype=np.float32)
-        matvec_int8_rows(x, weight.q, weight.scale, out)
-    if bias is not None:
-        out += bias
-    return out
-
-
-def prepare_head_int8(w: Weights) -> Weights:
-    """Once per schedule: the LM head as int8 with a scale per row (the norm weight stays float32)."""
-    return w.replace(weight=Int8.quantize(w.weight))
-
-
-def norm_head_int8_reference(x, w: Weights, eps):
-    """The quantised reference: the float32 norm and head on the dequantised head."""
-    from .registry import reference_function
-
-    return reference_function("norm_head")(x, w.replace(weight=w.weight.dequantize()), eps)
-
-
-@variant("norm_head", "int8", prepare=prepare_head_int8, weight_format="int8", reference=norm_head_int8_reference,
-         available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
-def norm_head_int8(x, w, eps):
-    """Final rmsnorm, then the LM head as linear=int8 (a quarter of the head's float32 bytes)."""
-    from .norm import rmsnorm_rows
-
-    h = np.empty_like(x)
-    rmsnorm_rows(x, w.norm, np.float32(eps), h)
-    return linear_int8(h, w.weight)

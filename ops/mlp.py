@@ -40,13 +40,14 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return silu(gate) * up
 
 
-def _swiglu_mlp_inputs():
+def _swiglu_mlp_inputs(multiple: int = 1):
+    """`multiple`: D and F (both are summed over) are multiples of it (32 for a 32-block format)."""
     from hypothesis import strategies as st
 
     @st.composite
     def args(draw):
-        T, D, F = draw(st.integers(1, 16), label="T"), draw(st.integers(1, 96), label="D"), draw(
-            st.integers(1, 200), label="F")
+        T = draw(st.integers(1, 16), label="T")
+        D, F = (multiple * draw(st.integers(1, n // multiple), label=name) for n, name in ((96, "D"), (200, "F")))
         w = Weights(gate=random_array(draw, (F, D)), up=random_array(draw, (F, D)), down=random_array(draw, (D, F)))
         return random_array(draw, (T, D), (1.0, 1e-2, 10.0)), w
 
@@ -145,7 +146,7 @@ def swiglu_mlp_prefill(h, w):
     left, W @ h^T, so every product comes out transposed ((F, T), then (D, T)): the same dot
     products, but OpenBLAS runs this operand order 10-15% faster here for these shapes (128x576
     by 576x1536: ~195 against ~172 GFLOP/s, benchmarks/RESULTS.md). The (D, T) result is copied
-    back to (T, D) rows (0.3 MB), so the kernels after it keep their contiguous fast path. Int8
+    back to (T, D) rows (0.3 MB), so the kernels after it keep their contiguous fast path. Quantised
     projections go the same way, in tiles (ops/linear.py::weights_times_transposed)."""
     g = weights_times_transposed(w.gate, h)  # (F, T)
     u = weights_times_transposed(w.up, h)
@@ -163,51 +164,4 @@ def swiglu_mlp_fused(h, w):
     gate_up_rows(h, w.gate, w.up, a)
     out = np.empty((h.shape[0], w.down.shape[0]), dtype=np.float32)
     matvec_rows(a, w.down, out)
-    return out
-
-
-# ---------------------------------------------------------------------------------- int8 variant
-
-from .linear import matvec_int8_rows  # noqa: E402
-from .quant import Int8  # noqa: E402
-from .registry import reference_function  # noqa: E402
-
-
-def prepare_mlp_int8(w: Weights) -> Weights:
-    """Once per schedule: the three projections as int8 with a scale per row (ops/quant.py)."""
-    return Weights(gate=Int8.quantize(w.gate), up=Int8.quantize(w.up), down=Int8.quantize(w.down))
-
-
-def swiglu_mlp_int8_reference(h, w: Weights):
-    """The quantised reference: the float32 MLP on the dequantised projections."""
-    return reference_function("swiglu_mlp")(h, Weights(gate=w.gate.dequantize(), up=w.up.dequantize(),
-                                                        down=w.down.dequantize()))
-
-
-@njit(parallel=True)
-def gate_up_int8_rows(h, gate_q, gate_scale, up_q, up_scale, out):
-    """gate_up_rows on int8 rows: out[t, j] = silu(g) · u with g = gate_scale[j] · h[t]·gate_q[j]
-    and u likewise; each int8 value is widened to float32 in a register."""
-    T, D = h.shape
-    for j in prange(gate_q.shape[0]):
-        for t in range(T):
-            g = np.float32(0.0)
-            u = np.float32(0.0)
-            for k in range(D):
-                g += h[t, k] * np.float32(gate_q[j, k])
-                u += h[t, k] * np.float32(up_q[j, k])
-            out[t, j] = silu_scalar(g * gate_scale[j]) * (u * up_scale[j])
-
-
-@variant("swiglu_mlp", "int8", prepare=prepare_mlp_int8, weight_format="int8", reference=swiglu_mlp_int8_reference,
-         **NUMBA)
-def swiglu_mlp_int8(h, w):
-    """The SwiGLU MLP on int8 projections: for a few rows gate·up·silu in one pass over the int8
-    rows, then the int8 down projection; for many rows swiglu_mlp_prefill, int8 tiles into BLAS."""
-    if h.shape[0] > FEW_ROWS:
-        return swiglu_mlp_prefill(h, w)
-    a = np.empty((h.shape[0], w.gate.q.shape[0]), dtype=np.float32)
-    gate_up_int8_rows(h, w.gate.q, w.gate.scale, w.up.q, w.up.scale, a)
-    out = np.empty((h.shape[0], w.down.q.shape[0]), dtype=np.float32)
-    matvec_int8_rows(a, w.down.q, w.down.scale, out)
     return out

@@ -22,7 +22,7 @@ same bytes: tests/test_quant.py checks that bit for bit against the `gguf` packa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -64,6 +64,23 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return np.concatenate([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=-1)
 
 
+def q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) float32 -> d (N, K/32) float32 and q (N, K/32, 32) int8 with x ≈ q · d: Q8_0's rounding,
+    with the scale kept in float32. The q8_0 kernels round their *activations* this way, per block
+    of 32, before the integer dot products (llama.cpp stores that scale as float16 too; we keep
+    float32 because Numba has no float16 arithmetic on CPUs)."""
+    b = _blocks(x)
+    d = np.abs(b).max(axis=-1) / np.float32(127)
+    return d, round_half_away(b * _inverse(d)[..., None]).astype(np.int8)
+
+
+def round_activations_q8(x: np.ndarray) -> np.ndarray:
+    """What the q8_0 kernels make of their float32 activations: each block of 32 rounded to
+    q8_blocks' 255 levels and back (the quantised reference multiplies these values)."""
+    d, q = q8_blocks(x)
+    return (q.astype(np.float32) * d[..., None]).reshape(x.shape)
+
+
 # ---------------------------------------------------------------------------------- the formats
 
 
@@ -100,12 +117,14 @@ class Q8_0:
     d: np.ndarray  # (N, K/32) float16
     qs: np.ndarray  # (N, K/32, 32) int8
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.d.shape[0], self.d.shape[1] * BLOCK
+
     @classmethod
     def quantize(cls, w: np.ndarray) -> "Q8_0":
-        b = _blocks(w)
-        d = np.abs(b).max(axis=-1) / np.float32(127)
-        qs = round_half_away(b * _inverse(d)[..., None])
-        return cls(d.astype(np.float16), qs.astype(np.int8))
+        d, qs = q8_blocks(w)
+        return cls(d.astype(np.float16), qs)
 
     def dequantize(self) -> np.ndarray:
         x = self.qs.astype(np.float32) * self.d.astype(np.float32)[..., None]
@@ -116,6 +135,10 @@ class Q8_0:
 class Q4_0:
     d: np.ndarray  # (N, K/32) float16
     qs: np.ndarray  # (N, K/32, 16) uint8, two 4-bit values a byte
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.d.shape[0], self.d.shape[1] * BLOCK
 
     @classmethod
     def quantize(cls, w: np.ndarray) -> "Q4_0":
@@ -138,6 +161,10 @@ class Q4_1:
     m: np.ndarray  # (N, K/32) float16: each block's minimum
     qs: np.ndarray  # (N, K/32, 16) uint8, two 4-bit values a byte
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.d.shape[0], self.d.shape[1] * BLOCK
+
     @classmethod
     def quantize(cls, w: np.ndarray) -> "Q4_1":
         b = _blocks(w)
@@ -153,3 +180,23 @@ class Q4_1:
 
 
 FORMATS = {"int8": Int8, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+
+
+def as_format(w, fmt):
+    """`w` in format `fmt`: quantised from float32, or as it is when it already is (a model saved by
+    `tinyllm quantize` holds its weights quantised)."""
+    return w if isinstance(w, fmt) else fmt.quantize(w)
+
+
+def concat_rows(parts: list):
+    """Stack matrices of one format along their rows (each row is quantised on its own, so this is
+    the same as quantising the stacked float32 matrix)."""
+    cls = type(parts[0])
+    return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+
+def split_rows(w, ends: list[int]) -> list:
+    """The inverse of concat_rows: `w` cut before each row index in `ends`."""
+    cls = type(w)
+    pieces = {f.name: np.split(getattr(w, f.name), ends) for f in fields(cls)}
+    return [cls(**{name: parts[i] for name, parts in pieces.items()}) for i in range(len(ends) + 1)]

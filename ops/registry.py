@@ -54,6 +54,8 @@ class Rule:
     why: str = ""
     magnitude: Callable | None = None  # args -> float: the scale of the summed terms
     magnitude_label: str = ""
+    slack: Callable | None = None  # args -> float: an absolute allowance on top (see `why`)
+    slack_label: str = ""
 
     @property
     def exact(self) -> bool:
@@ -63,7 +65,7 @@ class Rule:
         if self.exact:
             return "exact"
         scale = f"max(|ref|, {self.magnitude_label})" if self.magnitude else "max|ref|"
-        return f"max|Δ| ≤ {self.tol:g}·{scale}"
+        return f"max|Δ| ≤ {self.tol:g}·{scale}" + (f" + {self.slack_label}" if self.slack else "")
 
     def compare(self, out, ref, args: tuple = ()) -> str | None:
         """None if `out` passes against `ref` (computed from `args`), else the observed error."""
@@ -99,9 +101,11 @@ class Rule:
             if terms > scale:
                 scale, what = terms, self.magnitude_label
         err = float(np.max(np.abs(out[finite].astype(np.float64) - ref[finite])))
-        if err <= self.tol * scale or err == 0.0:
+        slack = float(self.slack(*args)) if self.slack is not None and args else 0.0
+        if err <= self.tol * scale + slack or err == 0.0:
             return None
-        return f"max|Δ| = {err:.3g} = {err / scale if scale else float('inf'):.3g}·{what} > {self.tol:g}·{what}"
+        extra = f" + {slack:.3g} ({self.slack_label})" if slack else ""
+        return f"max|Δ| = {err:.3g} = {err / scale if scale else float('inf'):.3g}·{what} > {self.tol:g}·{what}{extra}"
 
 
 def _len(x):
@@ -114,8 +118,9 @@ def _len(x):
 EXACT = Rule(0.0, "")
 
 
-def close(tol: float, why: str, magnitude: Callable | None = None, label: str = "") -> Rule:
-    return Rule(tol, why, magnitude, label)
+def close(tol: float, why: str, magnitude: Callable | None = None, label: str = "", slack: Callable | None = None,
+          slack_label: str = "") -> Rule:
+    return Rule(tol, why, magnitude, label, slack, slack_label)
 
 
 # ---------------------------------------------------------------------------------- weights
@@ -172,6 +177,8 @@ class Variant:
     rule: Rule | None = None  # its own comparison rule (a quantised variant's), else the op's
     reference: Callable | None = None  # its own reference over the *prepared* weights (dequantise, then the
     #                                    float op), else the op's reference over the raw ones
+    inputs: Callable | None = None  # its own Hypothesis strategy (e.g. rows a multiple of 32 long), else the op's
+    examples: Callable | None = None  # its own edge cases, else the op's
 
     def comparison(self) -> Rule:
         return self.rule or OPS[self.op].rule
@@ -205,7 +212,8 @@ def op(name: str, *, rule: Rule, inputs=None, examples=None, weights=(), composi
 
 def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = True, unavailable_reason: str = "",
             prepare: Callable | None = None, weight_format: str = "fp32", rule: Rule | None = None,
-            reference: Callable | None = None, replace_existing: bool = False):
+            reference: Callable | None = None, inputs: Callable | None = None, examples: Callable | None = None,
+            replace_existing: bool = False):
     """Register the decorated function as variant `name` of op `op_name`.
 
     It must take the same arguments as the op's reference and return the same result, up to the
@@ -213,7 +221,9 @@ def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = T
     `available` (a bool or a callable) says whether it can run on this machine. `rule` replaces the
     op's comparison rule for this variant, and `reference` the function it is compared with: a
     quantised variant is compared with a quantised reference (dequantise its prepared weights, then
-    the float op), bit-exact where the arithmetic is integer.
+    the float op), bit-exact where the arithmetic is integer. `inputs`/`examples` replace the op's
+    strategy and edge cases where the variant accepts fewer shapes (a 32-block format needs rows
+    whose length is a multiple of 32).
     """
 
     def register(fn: Callable) -> Callable:
@@ -225,8 +235,8 @@ def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = T
             raise RegistryError(f"{op_name}={name} is registered twice (by {VARIANTS[op_name][name].source} "
                                 f"and {fn.__module__})")
         ok = available() if callable(available) else bool(available)
-        VARIANTS[op_name][name] = Variant(op_name, name, fn, _first_line(fn.__doc__), ok, unavailable_reason, prepare, weight_format,
-                                          fn.__module__, rule, reference)
+        VARIANTS[op_name][name] = Variant(op_name, name, fn, _first_line(fn.__doc__), ok, unavailable_reason, prepare,
+                                          weight_format, fn.__module__, rule, reference, inputs, examples)
         return fn
 
     return register

@@ -35,15 +35,22 @@ from .loading import release_pages
 def _kernel_presets() -> dict[str, dict[str, str]]:
     """`numba`: every primitive op that has a Numba variant runs it (composites composed of them).
     `fused`: that, plus every composite's fused kernel. Built from what is registered, so both are
-    consistent by construction (all fp32). `int8`: `numba` with int8 weights (ops/quant.py) for every
-    projection, through a composite's int8 kernel where it has one, else composed over linear=int8;
-    not exact, so never the default."""
+    consistent by construction (all fp32).
+
+    The quantised presets are `fused` with every projection in one weight format (ops/quantized.py):
+    `int8`, `q8_0`, `q4_0`, `q4_1`. Not exact, so never the default. The 4-bit presets keep the LM
+    head (tied to the embedding in SmolLM2) at 8 bits, Q8_0 weights with float32 activations: rounded
+    to 4 bits it alone cost a KL of 0.05 and 12 points of top-1 against float32 (benchmarks/RESULTS.md);
+    the default model's embedding *is* Q8_0, so this head is exact there."""
     variants = ops_pkg.VARIANTS
     numba = {name: "numba" for name, o in OPS.items() if not o.is_composite and "numba" in variants[name]}
-    fused = {name: "fused" for name, o in OPS.items() if o.is_composite and "fused" in variants[name]}
-    int8 = {name: "int8" for name, o in OPS.items() if o.is_composite and "int8" in variants[name]}
-    return {"numba": numba, "fused": {**numba, **fused},
-            "int8": {**numba, "linear": "int8", "add_rmsnorm": "fused", **int8}}
+    fused = {**numba, **{name: "fused" for name, o in OPS.items() if o.is_composite and "fused" in variants[name]}}
+
+    def quantized(fmt, head):
+        return {**fused, "linear": fmt, "qkv_rope": fmt, "swiglu_mlp": fmt, "norm_head": head}
+
+    return {"numba": numba, "fused": fused, "int8": quantized("int8", "int8"), "q8_0": quantized("q8_0", "q8_0"),
+            "q4_0": quantized("q4_0", "q8_0_weights"), "q4_1": quantized("q4_1", "q8_0_weights")}
 
 
 # Preset name -> {op: variant} on top of `reference`. Plugins may add theirs with `register_preset`.
@@ -142,9 +149,12 @@ def _validate(choice: dict[str, str]) -> None:
                                 f"available for {op_name}: {', '.join(usable)}")
     # A fused composite reads its projections in one weight format; `linear` decides the format of all
     # other projections. A mix would silently run part of the model in another precision: refuse it.
+    # The LM head is exempt: its precision is chosen on its own (the 4-bit presets keep it at q8_0).
     linear = get_variant("linear", choice["linear"])
     for op_name, var_name in choice.items():
         v, o = get_variant(op_name, var_name), OPS[op_name]
+        if op_name == "norm_head":
+            continue
         if o.projections and v.name != COMPOSED and v.weight_format != linear.weight_format:
             same = [n for n, x in ops_pkg.VARIANTS[op_name].items() if x.weight_format in (linear.weight_format, "any")]
             raise ScheduleError(

@@ -1,0 +1,606 @@
+"""Computing on quantised weights: the kernels for each format, and the variants of the projection
+ops (`linear`, `swiglu_mlp`, `qkv_rope`, `norm_head`) that run them.
+
+ops/quant.py defines the formats: what is stored, and the NumPy quantise/dequantise that define it.
+Here each format becomes a *prepared weight*: the stored integers (the block scales widened to
+float32, since Numba has no float16 arithmetic on CPUs) plus the kernels that read them:
+
+    w.matvec(x, out)             out = x @ W^T for a few rows (decode): W is streamed once
+    w.gate_up(h, up, out)        out = silu(h @ W^T) * (h @ Wup^T), both streamed in one pass
+    w.qkv_rope_decode(...)       one token: rmsnorm, the stacked Q/K/V rows, bias and RoPE
+    w.dequantize_rows(first, out)   rows of W as float32: prefill feeds BLAS tile by tile
+    w.round_activations(x)       what the format does to activations (only q8_0 rounds them)
+
+Every kernel of a format is built on one function, that format's dot product of an activation row
+with weight row j (`int8_dot`, `q8_0_dot`, `q4_dot`), so compare those three to see what each
+format costs per weight:
+
+- int8: one float multiply-add per weight, the scale applied once per row.
+- q8_0: the activations are rounded to int8 per block of 32 first (llama.cpp's way), then each
+  block is an integer dot product summed exactly in int32, scaled once by d_w · d_x.
+- q4_0 / q4_1: both read as w = d·q + m with q in [0, 15] (q4_0: m = -8·d), so a block's dot
+  product is d · Σ q·x + m · Σ x: the nibbles are multiplied as they are, and Σ x per block is
+  computed once per activation row, not once per weight row.
+
+Prefill (many rows) is compute-bound: every format dequantises tiles of rows into a float32 buffer
+in cache and hands them to BLAS (ops/linear.py::weights_times_transposed).
+
+Each variant is checked against its *quantised reference*: dequantise the prepared weights (and,
+for q8_0, round the activations), then run the float32 reference op. So `check` measures the
+kernel alone; what the rounding costs is measured by `tinyllm eval`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .attention import _bias_and_rope, _normalised, _qkv_rope_inputs, prepare_qkv, qkv_rope_decode, qkv_rope_prefill
+from .jit import FEW_ROWS, NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange
+from .linear import _linear_inputs, _norm_head_inputs, linear, weights_times_transposed
+from .mlp import _swiglu_mlp_inputs, silu_scalar, swiglu_mlp_prefill
+from .norm import rmsnorm, rmsnorm_rows
+from .quant import BLOCK, FORMATS, Int8, Q4_0, Q4_1, Q8_0, as_format, concat_rows, round_activations_q8
+from .registry import OPS, Weights, close, reference_table, variant
+from .rope import rope_inv_freq, rope_tables
+
+# ================================================================================== int8: a scale per row
+
+
+@njit(inline="always")
+def int8_dot(x, q, j):
+    """sum_k x[k] · q[j, k], each int8 widened to float32 in a register (scale it afterwards)."""
+    acc = np.float32(0.0)
+    for k in range(x.shape[0]):
+        acc += x[k] * np.float32(q[j, k])
+    return acc
+
+
+@njit(parallel=True)
+def matvec_int8_rows(x, q, scale, out):
+    """out[t, j] = scale[j] · x[t]·q[j]: each int8 row is read once, for every row of x."""
+    for j in prange(q.shape[0]):
+        for t in range(x.shape[0]):
+            out[t, j] = int8_dot(x[t], q, j) * scale[j]
+
+
+@njit(parallel=True)
+def gate_up_int8_rows(h, gate_q, gate_scale, up_q, up_scale, out):
+    """out[t, j] = silu(g) · u, g = gate_scale[j] · h[t]·gate_q[j], u likewise: one pass over both."""
+    for j in prange(gate_q.shape[0]):
+        for t in range(h.shape[0]):
+            out[t, j] = silu_scalar(int8_dot(h[t], gate_q, j) * gate_scale[j]) * (int8_dot(h[t], up_q, j) * up_scale[j])
+
+
+@njit(parallel=True)
+def qkv_rope_decode_int8(x, norm, q, scale, bqkv, cos, sin, eps, n_q, n_kv, out):
+    """ops/attention.py::qkv_rope_decode_parallel on int8 rows: norm, stream, then bias and RoPE."""
+    h = _normalised(x, norm, eps)
+    for j in prange(q.shape[0]):
+        out[j] = int8_dot(h, q, j) * scale[j]
+    _bias_and_rope(out, bqkv, cos, sin, n_q, n_kv)
+
+
+@njit
+def dequantize_int8_rows(q, scale, first, out):
+    """out[i] = q[first + i] · scale[first + i]: Int8.dequantize, row by row."""
+    for i in range(out.shape[0]):
+        for k in range(q.shape[1]):
+            out[i, k] = np.float32(q[first + i, k]) * scale[first + i]
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """An ops/quant.py::Int8 matrix (int8 values, a float32 scale per row), as the kernels read it."""
+
+    fmt: Int8
+
+    @classmethod
+    def of(cls, fmt: Int8) -> "Int8Weight":
+        return cls(fmt)
+
+    @property
+    def shape(self):
+        return self.fmt.shape
+
+    def matvec(self, x, out):
+        matvec_int8_rows(x, self.fmt.q, self.fmt.scale, out)
+
+    def gate_up(self, h, up: "Int8Weight", out):
+        gate_up_int8_rows(h, self.fmt.q, self.fmt.scale, up.fmt.q, up.fmt.scale, out)
+
+    def qkv_rope_decode(self, x, norm, bqkv, cos, sin, eps, n_q, n_kv, out):
+        qkv_rope_decode_int8(x, norm, self.fmt.q, self.fmt.scale, bqkv, cos, sin, eps, n_q, n_kv, out)
+
+    def dequantize_rows(self, first, out):
+        dequantize_int8_rows(self.fmt.q, self.fmt.scale, first, out)
+
+    ROUNDS_ACTIVATIONS = False
+
+    def round_activations(self, x):
+        return x
+
+
+# ================================================================================== q8_0: int8 blocks of 32
+
+
+@njit(fastmath=False)  # bit for bit ops/quant.py::q8_blocks (no reassociation, no reciprocal rewrites)
+def quantize_activation_rows(x, xq, xd):
+    """Each block of 32 of each row of x: xd = max|x| / 127, xq = round(x / xd) half away from zero."""
+    for t in range(x.shape[0]):
+        for b in range(xd.shape[1]):
+            amax = np.float32(0.0)
+            for i in range(BLOCK):
+                amax = max(amax, abs(x[t, b * BLOCK + i]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            xd[t, b] = d
+            for i in range(BLOCK):
+                v = x[t, b * BLOCK + i] * inv
+                r = np.trunc(v)
+                if abs(v - r) >= np.float32(0.5):
+                    r += np.sign(v)
+                xq[t, b, i] = np.int8(r)
+
+
+def quantized_activations(x):
+    """x (T, K) float32 -> xq (T, K/32, 32) int8, xd (T, K/32) float32."""
+    T, K = x.shape
+    xq = np.empty((T, K // BLOCK, BLOCK), dtype=np.int8)
+    xd = np.empty((T, K // BLOCK), dtype=np.float32)
+    quantize_activation_rows(x, xq, xd)
+    return xq, xd
+
+
+@njit(inline="always")
+def q8_0_dot(xq, xd, qs, d, j):
+    """sum over blocks b of (d[j, b] · xd[b]) · Σ_i qs[j, b, i] · xq[b, i], the inner sums in int32
+    (exact: 32 products of at most 127 · 127)."""
+    acc = np.float32(0.0)
+    for b in range(xd.shape[0]):
+        s = np.int32(0)
+        for i in range(BLOCK):
+            s += np.int32(qs[j, b, i]) * np.int32(xq[b, i])
+        acc += np.float32(s) * (d[j, b] * xd[b])
+    return acc
+
+
+@njit(parallel=True)
+def matvec_q8_0_rows(xq, xd, qs, d, out):
+    for j in prange(qs.shape[0]):
+        for t in range(xq.shape[0]):
+            out[t, j] = q8_0_dot(xq[t], xd[t], qs, d, j)
+
+
+@njit(parallel=True)
+def gate_up_q8_0_rows(xq, xd, gate_qs, gate_d, up_qs, up_d, out):
+    for j in prange(gate_qs.shape[0]):
+        for t in range(xq.shape[0]):
+            out[t, j] = silu_scalar(q8_0_dot(xq[t], xd[t], gate_qs, gate_d, j)) * q8_0_dot(xq[t], xd[t], up_qs, up_d, j)
+
+
+@njit(parallel=True)
+def qkv_rope_decode_q8_0(x, norm, qs, d, bqkv, cos, sin, eps, n_q, n_kv, out):
+    """Norm, round the normalised row per block, stream the Q8_0 rows, then bias and RoPE."""
+    h = _normalised(x, norm, eps)
+    xq = np.empty((1, d.shape[1], BLOCK), dtype=np.int8)
+    xd = np.empty((1, d.shape[1]), dtype=np.float32)
+    quantize_activation_rows(h.reshape(1, -1), xq, xd)
+    for j in prange(qs.shape[0]):
+        out[j] = q8_0_dot(xq[0], xd[0], qs, d, j)
+    _bias_and_rope(out, bqkv, cos, sin, n_q, n_kv)
+
+
+@njit
+def dequantize_q8_0_rows(qs, d, first, out):
+    """Q8_0.dequantize, row by row: out = qs · d."""
+    for i in range(out.shape[0]):
+        for b in range(d.shape[1]):
+            for k in range(BLOCK):
+                out[i, b * BLOCK + k] = np.float32(qs[first + i, b, k]) * d[first + i, b]
+
+
+@dataclass(frozen=True)
+class Q8_0Weight:
+    """A Q8_0 matrix as the kernels read it: qs (N, K/32, 32) int8 and d (N, K/32) widened to float32."""
+
+    fmt: Q8_0
+    d: np.ndarray
+
+    @classmethod
+    def of(cls, fmt: Q8_0) -> "Q8_0Weight":
+        return cls(fmt, fmt.d.astype(np.float32))
+
+    @property
+    def shape(self):
+        return self.fmt.shape
+
+    def matvec(self, x, out):
+        matvec_q8_0_rows(*quantized_activations(x), self.fmt.qs, self.d, out)
+
+    def gate_up(self, h, up: "Q8_0Weight", out):
+        gate_up_q8_0_rows(*quantized_activations(h), self.fmt.qs, self.d, up.fmt.qs, up.d, out)
+
+    def qkv_rope_decode(self, x, norm, bqkv, cos, sin, eps, n_q, n_kv, out):
+        qkv_rope_decode_q8_0(x, norm, self.fmt.qs, self.d, bqkv, cos, sin, eps, n_q, n_kv, out)
+
+    def dequantize_rows(self, first, out):
+        dequantize_q8_0_rows(self.fmt.qs, self.d, first, out)
+
+    ROUNDS_ACTIVATIONS = True
+
+    def round_activations(self, x):
+        xq, xd = quantized_activations(x)
+        return (xq * xd[..., None]).reshape(x.shape)  # int8 · float32 -> float32, as round_activations_q8
+
+
+# -- Q8_0 weights with float32 activations: the LM head of the 4-bit presets
+
+@njit(inline="always")
+def q8_0_weight_only_dot(x, qs, d, j):
+    """sum over blocks b of d[j, b] · Σ_i qs[j, b, i] · x_i: the int8 values widened to float32."""
+    acc = np.float32(0.0)
+    for b in range(d.shape[1]):
+        s = np.float32(0.0)
+        for i in range(BLOCK):
+            s += np.float32(qs[j, b, i]) * x[b * BLOCK + i]
+        acc += d[j, b] * s
+    return acc
+
+
+@njit(parallel=True)
+def matvec_q8_0_weight_only_rows(x, qs, d, out):
+    for j in prange(qs.shape[0]):
+        for t in range(x.shape[0]):
+            out[t, j] = q8_0_weight_only_dot(x[t], qs, d, j)
+
+
+class Q8_0WeightOnly(Q8_0Weight):
+    """Q8_0 weights, float32 activations (weight-only, like int8): for the LM head of the 4-bit
+    presets. SmolLM2's head is its embedding, which the default model stores as Q8_0, so this head
+    is exact there, where rounding the activations too cost a KL of 0.001 (benchmarks/RESULTS.md)."""
+
+    ROUNDS_ACTIVATIONS = False
+
+    def matvec(self, x, out):
+        matvec_q8_0_weight_only_rows(x, self.fmt.qs, self.d, out)
+
+    def round_activations(self, x):
+        return x
+
+
+# ================================================================================== q4_0, q4_1: 4-bit blocks
+
+
+@njit
+def block_sums(x, xs):
+    """xs[t, b] = sum of block b of row t: the m·Σx term of every 4-bit row's dot product."""
+    for t in range(x.shape[0]):
+        for b in range(xs.shape[1]):
+            s = np.float32(0.0)
+            for i in range(BLOCK):
+                s += x[t, b * BLOCK + i]
+            xs[t, b] = s
+
+
+@njit(inline="always")
+def q4_dot(x, xs, qs, d, m, j):
+    """sum over blocks b of d[j, b] · Σ_i q_i · x_i + m[j, b] · xs[b]. Byte i of a block holds
+    element i (low nibble) and element i + 16 (high nibble), so one pass over the 16 bytes reads
+    two contiguous halves of x: a loop the compiler vectorises."""
+    acc = np.float32(0.0)
+    for b in range(xs.shape[0]):
+        s = np.float32(0.0)
+        base = b * BLOCK
+        for i in range(BLOCK // 2):
+            byte = qs[j, b, i]
+            s += np.float32(byte & 15) * x[base + i] + np.float32(byte >> 4) * x[base + BLOCK // 2 + i]
+        acc += d[j, b] * s + m[j, b] * xs[b]
+    return acc
+
+
+@njit(parallel=True)
+def matvec_q4_rows(x, xs, qs, d, m, out):
+    for j in prange(qs.shape[0]):
+        for t in range(x.shape[0]):
+            out[t, j] = q4_dot(x[t], xs[t], qs, d, m, j)
+
+
+@njit(parallel=True)
+def gate_up_q4_rows(h, hs, gate_qs, gate_d, gate_m, up_qs, up_d, up_m, out):
+    for j in prange(gate_qs.shape[0]):
+        for t in range(h.shape[0]):
+            out[t, j] = silu_scalar(q4_dot(h[t], hs[t], gate_qs, gate_d, gate_m, j)) * q4_dot(
+                h[t], hs[t], up_qs, up_d, up_m, j)
+
+
+@njit(parallel=True)
+def qkv_rope_decode_q4(x, norm, qs, d, m, bqkv, cos, sin, eps, n_q, n_kv, out):
+    h = _normalised(x, norm, eps)
+    hs = np.empty((1, d.shape[1]), dtype=np.float32)
+    block_sums(h.reshape(1, -1), hs)
+    for j in prange(qs.shape[0]):
+        out[j] = q4_dot(h, hs[0], qs, d, m, j)
+    _bias_and_rope(out, bqkv, cos, sin, n_q, n_kv)
+
+
+@njit
+def dequantize_q4_rows(qs, d, m, offset, first, out):
+    """Q4_0/Q4_1.dequantize, row by row: out = d · (q - offset) + m, with offset 8 and m = 0 for
+    q4_0 (its definition's arithmetic, so the tiles are its values) and offset 0 for q4_1."""
+    for i in range(out.shape[0]):
+        for b in range(d.shape[1]):
+            for k in range(BLOCK // 2):
+                byte = qs[first + i, b, k]
+                out[i, b * BLOCK + k] = d[first + i, b] * (np.float32(byte & 15) - offset) + m[first + i, b]
+                out[i, b * BLOCK + BLOCK // 2 + k] = d[first + i, b] * (np.float32(byte >> 4) - offset) + m[first + i, b]
+
+
+@dataclass(frozen=True)
+class Q4Weight:
+    """A Q4_0 or Q4_1 matrix as the kernels read it: w = d·q + m per block, q in [0, 15] packed two
+    a byte, d and m (N, K/32) float32. For Q4_0, w = d·(q - 8), so m = -8·d (exact: a power of 2)."""
+
+    fmt: Q4_0 | Q4_1
+    d: np.ndarray
+    m: np.ndarray
+
+    @classmethod
+    def of(cls, fmt) -> "Q4Weight":
+        d = fmt.d.astype(np.float32)
+        return cls(fmt, d, -8 * d if isinstance(fmt, Q4_0) else fmt.m.astype(np.float32))
+
+    @property
+    def shape(self):
+        return self.fmt.shape
+
+    def _sums(self, x):
+        xs = np.empty((x.shape[0], self.d.shape[1]), dtype=np.float32)
+        block_sums(x, xs)
+        return xs
+
+    def matvec(self, x, out):
+        matvec_q4_rows(x, self._sums(x), self.fmt.qs, self.d, self.m, out)
+
+    def gate_up(self, h, up: "Q4Weight", out):
+        gate_up_q4_rows(h, self._sums(h), self.fmt.qs, self.d, self.m, up.fmt.qs, up.d, up.m, out)
+
+    def qkv_rope_decode(self, x, norm, bqkv, cos, sin, eps, n_q, n_kv, out):
+        qkv_rope_decode_q4(x, norm, self.fmt.qs, self.d, self.m, bqkv, cos, sin, eps, n_q, n_kv, out)
+
+    def dequantize_rows(self, first, out):
+        q4_0 = isinstance(self.fmt, Q4_0)
+        dequantize_q4_rows(self.fmt.qs, self.d, np.zeros_like(self.d) if q4_0 else self.m,
+                           np.float32(8 if q4_0 else 0), first, out)
+
+    ROUNDS_ACTIVATIONS = False
+
+    def round_activations(self, x):
+        return x
+
+
+# format name -> (the stored format, what the kernels read)
+PREPARED = {"int8": (Int8, Int8Weight), "q8_0": (Q8_0, Q8_0Weight), "q4_0": (Q4_0, Q4Weight),
+            "q4_1": (Q4_1, Q4Weight), "q8_0_weights": (Q8_0, Q8_0WeightOnly)}
+assert set(FORMATS) <= set(PREPARED)
+
+
+# ================================================================================== the variants
+#
+# One function per op serves every format: the format's kernels come with the prepared weight.
+
+
+def linear_quantized(x, weight, bias=None):
+    """linear on quantised weights: the format's matrix-vector kernel for a few rows; for many,
+    BLAS on tiles dequantised in cache, weights on the left."""
+    T, N = x.shape[0], weight.shape[0]
+    if T > FEW_ROWS:
+        out = np.ascontiguousarray(weights_times_transposed(weight, x).T)
+    else:
+        out = np.empty((T, N), dtype=np.float32)
+        weight.matvec(x, out)
+    if bias is not None:
+        out += bias
+    return out
+
+
+def swiglu_mlp_quantized(h, w):
+    """The SwiGLU MLP on quantised projections: gate·up·silu in one pass over both matrices, then
+    down (a few rows); for many rows ops/mlp.py::swiglu_mlp_prefill, tiles into BLAS."""
+    if h.shape[0] > FEW_ROWS:
+        return swiglu_mlp_prefill(h, w)
+    a = np.empty((h.shape[0], w.gate.shape[0]), dtype=np.float32)
+    w.gate.gate_up(h, w.up, a)
+    out = np.empty((h.shape[0], w.down.shape[0]), dtype=np.float32)
+    w.down.matvec(a, out)
+    return out
+
+
+def qkv_rope_quantized(x, w, cos, sin, eps):
+    """qkv_rope=fused on a quantised Wqkv: decode is the same one pass (norm, stream, bias and
+    RoPE) through the format's kernel; prefill the norm, Wqkv @ h^T in tiles into BLAS, then RoPE."""
+    if x.shape[0] == 1:
+        return qkv_rope_decode(x, w, cos, sin, eps)
+    return qkv_rope_prefill(x, w, cos, sin, eps)
+
+
+def norm_head_quantized(x, w, eps):
+    """Final rmsnorm, then the LM head as linear on the quantised head."""
+    h = np.empty_like(x)
+    rmsnorm_rows(x, w.norm, np.float32(eps), h)
+    return linear_quantized(h, w.weight)
+
+
+# -- prepare steps: float32 (or already in the format, from `tinyllm quantize`) -> prepared weight
+
+def _prepare_matrix(name):
+    fmt, prepared = PREPARED[name]
+    return lambda w: prepared.of(as_format(w, fmt))
+
+
+def _prepare_mlp(name):
+    matrix = _prepare_matrix(name)
+    return lambda w: Weights(gate=matrix(w.gate), up=matrix(w.up), down=matrix(w.down))
+
+
+def _prepare_qkv(name):
+    fmt, prepared = PREPARED[name]
+    return lambda w: prepare_qkv(w, stack=lambda ms: prepared.of(concat_rows([as_format(m, fmt) for m in ms])))
+
+
+def _prepare_head(name):
+    matrix = _prepare_matrix(name)
+    return lambda w: w.replace(weight=matrix(w.weight))
+
+
+# -- the quantised references: dequantise, round activations as the format does, then the float op
+
+def dequantized(w):
+    return w.fmt.dequantize()
+
+
+def linear_dequantized(x, weight, bias=None):
+    """The quantised reference of linear: the float32 op on the dequantised weight and on the
+    activations as the format rounds them (q8_0; the others leave them as they are)."""
+    return linear(round_activations_q8(x) if weight.ROUNDS_ACTIVATIONS else x, dequantized(weight), bias)
+
+
+def _dequantized_table():
+    """The reference op table with linear = linear_dequantized: a composite's reference run over it
+    is its quantised reference (each projection inside it dequantised, activations rounded)."""
+    table = reference_table()
+    table.linear = linear_dequantized
+    return table
+
+
+def swiglu_mlp_dequantized(h, w):
+    return OPS["swiglu_mlp"].reference(_dequantized_table(), h, w)
+
+
+def norm_head_dequantized(x, w, eps):
+    return OPS["norm_head"].reference(_dequantized_table(), x, w, eps)
+
+
+def qkv_rope_dequantized(x, w, cos, sin, eps):
+    """Unstack Wqkv (dequantised) into Wq, Wk, Wv, then the composite's reference. For q8_0 the
+    three projections all round the same normalised row, as the kernel does once."""
+    ends = (w.n_q, w.n_q + w.n_kv)
+    wq, wk, wv = np.split(dequantized(w.wqkv), ends)
+    bq, bk, bv = np.split(w.bqkv, ends) if w.bqkv is not None else (None, None, None)
+    rounds = w.wqkv.ROUNDS_ACTIVATIONS
+    table = reference_table()
+    table.linear = (lambda x, wt, b=None: linear(round_activations_q8(x), wt, b)) if rounds else linear
+    raw = Weights(norm=w.norm, wq=wq, wk=wk, wv=wv, bq=bq, bk=bk, bv=bv)
+    return OPS["qkv_rope"].reference(table, x, raw, cos, sin, eps)
+
+
+# -- comparison rules
+
+def _terms(x, w):
+    return np.abs(x) @ np.abs(w).T
+
+
+def _flip_allowance(x, weight) -> float:
+    """Two roundings of q8_0 activations flipped to the neighbouring level: 2 · max over outputs of
+    the largest (block quantum · |w|) term."""
+    d = np.abs(x.reshape(x.shape[0], -1, BLOCK)).max(axis=-1) / 127  # (T, K/32) quanta
+    quantum = np.repeat(d, BLOCK, axis=1)  # (T, K)
+    return 2 * float(np.max(quantum[:, None, :] * np.abs(weight)[None, :, :], initial=0.0))
+
+
+def _mlp_slack(h, w):
+    from .mlp import swiglu
+
+    return _flip_allowance(swiglu(h @ w.gate.T, h @ w.up.T), w.down)
+
+
+def _qkv_slack(x, w, cos, sin, eps):
+    h = rmsnorm(x, w.norm, eps)
+    # RoPE mixes two outputs with |cos|, |sin| <= 1: at most twice one output's error
+    return 2 * max(_flip_allowance(h, m) for m in (w.wq, w.wk, w.wv))
+
+
+def _head_slack(x, w, eps):
+    return _flip_allowance(rmsnorm(x, w.norm, eps), w.weight)
+
+
+FLIP_WHY = ("; the activations the kernel rounds (rmsnorm's or silu·up's output) are computed in another "
+            "order than the reference's, so a value within an ulp of a rounding boundary may go to the "
+            "neighbouring int8 level: allowed twice per output, one quantum (block max / 127) times |w| each")
+
+
+def _q8_0_rule(op_name, slack):
+    base = OPS[op_name].rule
+    return close(base.tol, base.why + FLIP_WHY, base.magnitude, base.magnitude_label, slack, "2 flipped roundings")
+
+
+# -- edge cases for the 32-block formats: a zero block, ±max at block edges, rows of two blocks
+
+def _block_matrix(rng, rows, cols):
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    w[0, :BLOCK] = 0  # an all-zero block
+    w[-1, BLOCK - 1], w[-1, BLOCK] = 8.0, -8.0  # the largest magnitudes at a block's last/first element
+    return w
+
+
+def _block_examples(op_name):
+    def examples():
+        rng = np.random.default_rng(7)
+        K = 2 * BLOCK
+        x = rng.standard_normal((3, K)).astype(np.float32)
+        x[1, BLOCK:] = 0  # a zero block in the activations too
+        if op_name == "linear":
+            return [(x, _block_matrix(rng, 5, K), None), (x[:1], _block_matrix(rng, 4, K), rng.standard_normal(4)
+                                                           .astype(np.float32))]
+        if op_name == "swiglu_mlp":
+            return [(x, Weights(gate=_block_matrix(rng, K, K), up=_block_matrix(rng, K, K),
+                                down=_block_matrix(rng, K, K)))]
+        if op_name == "norm_head":
+            return [(x, Weights(norm=rng.standard_normal(K).astype(np.float32), weight=_block_matrix(rng, 50, K)), 1e-5)]
+        d = 4
+        w = Weights(norm=rng.standard_normal(K).astype(np.float32), bq=None, bk=None, bv=None,
+                    wq=_block_matrix(rng, 4 * d, K), wk=_block_matrix(rng, 2 * d, K), wv=_block_matrix(rng, 2 * d, K))
+        cos, sin = rope_tables(rope_inv_freq(d, 1e4), 3, start=2)
+        return [(x, w, cos, sin, 1e-5), (x[:1], w, cos[:1], sin[:1], 1e-5)]
+
+    return examples
+
+
+# -- registration: linear, swiglu_mlp, qkv_rope and norm_head for each format
+
+_DOCS = {
+    "int8": "weight-only int8, a scale per output row; activations float32",
+    "q8_0": "llama.cpp's Q8_0 weights; activations rounded per block of 32, int32 block sums",
+    "q4_0": "llama.cpp's Q4_0 weights (4 bits, a scale per block of 32); activations float32",
+    "q4_1": "llama.cpp's Q4_1 weights (4 bits, a scale and a minimum per block of 32); activations float32",
+}
+_OPS = {
+    "linear": (linear_quantized, _prepare_matrix, linear_dequantized, _linear_inputs, None),
+    "swiglu_mlp": (swiglu_mlp_quantized, _prepare_mlp, swiglu_mlp_dequantized, _swiglu_mlp_inputs, _mlp_slack),
+    "qkv_rope": (qkv_rope_quantized, _prepare_qkv, qkv_rope_dequantized, _qkv_rope_inputs, _qkv_slack),
+    "norm_head": (norm_head_quantized, _prepare_head, norm_head_dequantized, _norm_head_inputs, _head_slack),
+}
+
+
+def _with_doc(fn, doc):
+    """`fn` under a docstring naming the format (`tinyllm ops` lists a variant by its first line)."""
+    def run(*args):
+        return fn(*args)
+
+    run.__doc__, run.__name__, run.__qualname__ = f"{fn.__doc__.splitlines()[0]} [{doc}]", fn.__name__, fn.__qualname__
+    return run
+
+
+for _name, _doc in _DOCS.items():
+    _blocks = _name != "int8"  # the llama.cpp formats need rows a multiple of 32 long
+    for _op, (_fn, _prepare, _reference, _inputs, _slack) in _OPS.items():
+        variant(_op, _name, prepare=_prepare(_name), weight_format=_name, reference=_reference,
+                rule=_q8_0_rule(_op, _slack) if _name == "q8_0" and _slack else None,
+                inputs=(lambda inputs=_inputs: inputs(BLOCK)) if _blocks else None,
+                examples=_block_examples(_op) if _blocks else None,
+                available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)(_with_doc(_fn, _doc))
+
+variant("norm_head", "q8_0_weights", prepare=_prepare_head("q8_0_weights"), weight_format="q8_0",
+        reference=norm_head_dequantized, inputs=lambda: _norm_head_inputs(BLOCK), examples=_block_examples("norm_head"),
+        available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)(
+    _with_doc(norm_head_quantized, "Q8_0 weights, float32 activations (the 4-bit presets' head)"))
