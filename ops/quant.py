@@ -53,6 +53,12 @@ def _blocks(w: np.ndarray) -> np.ndarray:
     return w.reshape(w.shape[0], -1, BLOCK)
 
 
+def _in_chunks(cls, w: np.ndarray):
+    """cls.quantize(w), CHUNK_ROWS rows at a time: each row is quantised on its own, so this gives
+    the same bytes, with temporaries of a few MB instead of several copies of the whole matrix."""
+    return concat_rows([cls.quantize(w[first:first + CHUNK_ROWS]) for first in range(0, len(w), CHUNK_ROWS)])
+
+
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     """(..., 32) values in [0, 15] -> (..., 16) bytes: element j low nibble, element j + 16 high."""
     q = q.astype(np.uint8)
@@ -123,6 +129,8 @@ class Q8_0:
 
     @classmethod
     def quantize(cls, w: np.ndarray) -> "Q8_0":
+        if len(w) > CHUNK_ROWS:
+            return _in_chunks(cls, w)
         d, qs = q8_blocks(w)
         return cls(d.astype(np.float16), qs)
 
@@ -142,6 +150,8 @@ class Q4_0:
 
     @classmethod
     def quantize(cls, w: np.ndarray) -> "Q4_0":
+        if len(w) > CHUNK_ROWS:
+            return _in_chunks(cls, w)
         b = _blocks(w)
         # the value of largest magnitude, sign kept (the first one, where two tie)
         m = np.take_along_axis(b, np.abs(b).argmax(axis=-1)[..., None], axis=-1)[..., 0]
@@ -167,6 +177,8 @@ class Q4_1:
 
     @classmethod
     def quantize(cls, w: np.ndarray) -> "Q4_1":
+        if len(w) > CHUNK_ROWS:
+            return _in_chunks(cls, w)
         b = _blocks(w)
         lo, hi = b.min(axis=-1), b.max(axis=-1)
         d = (hi - lo) / np.float32(15)

@@ -16,11 +16,19 @@ with weight row j (`int8_dot`, `q8_0_dot`, `q4_dot`), so compare those three to 
 format costs per weight:
 
 - int8: one float multiply-add per weight, the scale applied once per row.
-- q8_0: the activations are rounded to int8 per block of 32 first (llama.cpp's way), then each
-  block is an integer dot product summed exactly in int32, scaled once by d_w · d_x.
+- q8_0: the activations are rounded to int8 levels per block of 32 first (llama.cpp's way), then
+  each block is an integer dot product, summed exactly, scaled once by d_w · d_x.
 - q4_0 / q4_1: both read as w = d·q + m with q in [0, 15] (q4_0: m = -8·d), so a block's dot
   product is d · Σ q·x + m · Σ x: the nibbles are multiplied as they are, and Σ x per block is
   computed once per activation row, not once per weight row.
+
+Three things decide whether the compiler turns these loops into 16-lane AVX-512 code (each cost
+5-10x here when wrong): the block's inner loop must run to a bound read from an array's shape, not
+the constant 32 (a constant loop is unrolled first, and the vectoriser then takes the *block* loop,
+gathering values 32 apart); indices it can prove non-negative (Numba wraps negative indices, and
+`x[b*32 + i]` defeats that proof: so activations arrive reshaped into blocks, `x[b, i]`); and
+32-bit lanes (Numba types int8·int8 as int64, 8 lanes a register: so integer products are made in
+float32, where they are exact, see q8_0_dot).
 
 Prefill (many rows) is compute-bound: every format dequantises tiles of rows into a float32 buffer
 in cache and hands them to BLAS (ops/linear.py::weights_times_transposed).
@@ -126,7 +134,8 @@ class Int8Weight:
 
 @njit(fastmath=False)  # bit for bit ops/quant.py::q8_blocks (no reassociation, no reciprocal rewrites)
 def quantize_activation_rows(x, xq, xd):
-    """Each block of 32 of each row of x: xd = max|x| / 127, xq = round(x / xd) half away from zero."""
+    """Each block of 32 of each row of x: xd = max|x| / 127, xq = round(x / xd) half away from zero:
+    an integer in [-127, 127], kept as a float32 (so the dot products need no conversion)."""
     for t in range(x.shape[0]):
         for b in range(xd.shape[1]):
             amax = np.float32(0.0)
@@ -140,13 +149,13 @@ def quantize_activation_rows(x, xq, xd):
                 r = np.trunc(v)
                 if abs(v - r) >= np.float32(0.5):
                     r += np.sign(v)
-                xq[t, b, i] = np.int8(r)
+                xq[t, b, i] = r
 
 
 def quantized_activations(x):
-    """x (T, K) float32 -> xq (T, K/32, 32) int8, xd (T, K/32) float32."""
+    """x (T, K) float32 -> xq (T, K/32, 32) integer levels (as float32), xd (T, K/32) float32."""
     T, K = x.shape
-    xq = np.empty((T, K // BLOCK, BLOCK), dtype=np.int8)
+    xq = np.empty((T, K // BLOCK, BLOCK), dtype=np.float32)
     xd = np.empty((T, K // BLOCK), dtype=np.float32)
     quantize_activation_rows(x, xq, xd)
     return xq, xd
@@ -154,14 +163,18 @@ def quantized_activations(x):
 
 @njit(inline="always")
 def q8_0_dot(xq, xd, qs, d, j):
-    """sum over blocks b of (d[j, b] · xd[b]) · Σ_i qs[j, b, i] · xq[b, i], the inner sums in int32
-    (exact: 32 products of at most 127 · 127)."""
+    """sum over blocks b of (d[j, b] · xd[b]) · Σ_i qs[j, b, i] · xq[b, i].
+
+    The inner sum is an integer dot product, as llama.cpp's int32 one, computed in float32 lanes:
+    each product is an integer of magnitude at most 127 · 127 and a block's sum at most 32 times
+    that, 516128 < 2^24, so every partial sum is exactly representable and the result is the int32
+    sum bit for bit, in any order. (Numba would type int8 · int8 as int64: half as many lanes.)"""
     acc = np.float32(0.0)
     for b in range(xd.shape[0]):
-        s = np.int32(0)
-        for i in range(BLOCK):
-            s += np.int32(qs[j, b, i]) * np.int32(xq[b, i])
-        acc += np.float32(s) * (d[j, b] * xd[b])
+        s = np.float32(0.0)
+        for i in range(xq.shape[1]):  # 32, read from the shape: see the module docstring
+            s += np.float32(qs[j, b, i]) * xq[b, i]
+        acc += s * (d[j, b] * xd[b])
     return acc
 
 
@@ -183,7 +196,7 @@ def gate_up_q8_0_rows(xq, xd, gate_qs, gate_d, up_qs, up_d, out):
 def qkv_rope_decode_q8_0(x, norm, qs, d, bqkv, cos, sin, eps, n_q, n_kv, out):
     """Norm, round the normalised row per block, stream the Q8_0 rows, then bias and RoPE."""
     h = _normalised(x, norm, eps)
-    xq = np.empty((1, d.shape[1], BLOCK), dtype=np.int8)
+    xq = np.empty((1, d.shape[1], BLOCK), dtype=np.float32)
     xd = np.empty((1, d.shape[1]), dtype=np.float32)
     quantize_activation_rows(h.reshape(1, -1), xq, xd)
     for j in prange(qs.shape[0]):
@@ -231,25 +244,26 @@ class Q8_0Weight:
 
     def round_activations(self, x):
         xq, xd = quantized_activations(x)
-        return (xq * xd[..., None]).reshape(x.shape)  # int8 · float32 -> float32, as round_activations_q8
+        return (xq * xd[..., None]).reshape(x.shape)  # as ops/quant.py::round_activations_q8
 
 
 # -- Q8_0 weights with float32 activations: the LM head of the 4-bit presets
 
 @njit(inline="always")
 def q8_0_weight_only_dot(x, qs, d, j):
-    """sum over blocks b of d[j, b] · Σ_i qs[j, b, i] · x_i: the int8 values widened to float32."""
+    """sum over blocks b of d[j, b] · Σ_i qs[j, b, i] · x[b, i] (x in blocks: (K/32, 32))."""
     acc = np.float32(0.0)
     for b in range(d.shape[1]):
         s = np.float32(0.0)
-        for i in range(BLOCK):
-            s += np.float32(qs[j, b, i]) * x[b * BLOCK + i]
+        for i in range(x.shape[1]):  # 32, read from the shape: see the module docstring
+            s += np.float32(qs[j, b, i]) * x[b, i]
         acc += d[j, b] * s
     return acc
 
 
 @njit(parallel=True)
 def matvec_q8_0_weight_only_rows(x, qs, d, out):
+    """x (T, K/32, 32): the activation rows in blocks."""
     for j in prange(qs.shape[0]):
         for t in range(x.shape[0]):
             out[t, j] = q8_0_weight_only_dot(x[t], qs, d, j)
@@ -263,7 +277,7 @@ class Q8_0WeightOnly(Q8_0Weight):
     ROUNDS_ACTIVATIONS = False
 
     def matvec(self, x, out):
-        matvec_q8_0_weight_only_rows(x, self.fmt.qs, self.d, out)
+        matvec_q8_0_weight_only_rows(x.reshape(x.shape[0], -1, BLOCK), self.fmt.qs, self.d, out)
 
     def round_activations(self, x):
         return x
@@ -283,24 +297,33 @@ def block_sums(x, xs):
             xs[t, b] = s
 
 
+def halves(x):
+    """(T, K) -> (T, K/32, 2, 16): each block's two halves, as a 4-bit block's bytes pair them."""
+    return x.reshape(x.shape[0], -1, 2, BLOCK // 2)
+
+
 @njit(inline="always")
 def q4_dot(x, xs, qs, d, m, j):
-    """sum over blocks b of d[j, b] · Σ_i q_i · x_i + m[j, b] · xs[b]. Byte i of a block holds
-    element i (low nibble) and element i + 16 (high nibble), so one pass over the 16 bytes reads
-    two contiguous halves of x: a loop the compiler vectorises."""
+    """sum over blocks b of d[j, b] · Σ_i q_i · x_i + m[j, b] · xs[b], x in blocks (K/32, 2, 16).
+
+    Byte i of a block holds element i (low nibble) and element i + 16 (high nibble), so one pass
+    over the 16 bytes reads the block's two halves x[b, 0] and x[b, 1]. The nibbles are split in
+    float32 (hi = floor(v / 16), lo = v - 16·hi, both exact): integer & and >> would be typed int64
+    by Numba, 8 lanes a register instead of 16."""
     acc = np.float32(0.0)
     for b in range(xs.shape[0]):
         s = np.float32(0.0)
-        base = b * BLOCK
-        for i in range(BLOCK // 2):
-            byte = qs[j, b, i]
-            s += np.float32(byte & 15) * x[base + i] + np.float32(byte >> 4) * x[base + BLOCK // 2 + i]
+        for i in range(x.shape[2]):  # 16, read from the shape: see the module docstring
+            v = np.float32(qs[j, b, i])
+            hi = np.floor(v * np.float32(0.0625))
+            s += (v - np.float32(16.0) * hi) * x[b, 0, i] + hi * x[b, 1, i]
         acc += d[j, b] * s + m[j, b] * xs[b]
     return acc
 
 
 @njit(parallel=True)
 def matvec_q4_rows(x, xs, qs, d, m, out):
+    """x (T, K/32, 2, 16): the activation rows in half-blocks; xs (T, K/32) their block sums."""
     for j in prange(qs.shape[0]):
         for t in range(x.shape[0]):
             out[t, j] = q4_dot(x[t], xs[t], qs, d, m, j)
@@ -320,7 +343,7 @@ def qkv_rope_decode_q4(x, norm, qs, d, m, bqkv, cos, sin, eps, n_q, n_kv, out):
     hs = np.empty((1, d.shape[1]), dtype=np.float32)
     block_sums(h.reshape(1, -1), hs)
     for j in prange(qs.shape[0]):
-        out[j] = q4_dot(h, hs[0], qs, d, m, j)
+        out[j] = q4_dot(h.reshape(-1, 2, BLOCK // 2), hs[0], qs, d, m, j)
     _bias_and_rope(out, bqkv, cos, sin, n_q, n_kv)
 
 
@@ -360,10 +383,10 @@ class Q4Weight:
         return xs
 
     def matvec(self, x, out):
-        matvec_q4_rows(x, self._sums(x), self.fmt.qs, self.d, self.m, out)
+        matvec_q4_rows(halves(x), self._sums(x), self.fmt.qs, self.d, self.m, out)
 
     def gate_up(self, h, up: "Q4Weight", out):
-        gate_up_q4_rows(h, self._sums(h), self.fmt.qs, self.d, self.m, up.fmt.qs, up.d, up.m, out)
+        gate_up_q4_rows(halves(h), self._sums(h), self.fmt.qs, self.d, self.m, up.fmt.qs, up.d, up.m, out)
 
     def qkv_rope_decode(self, x, norm, bqkv, cos, sin, eps, n_q, n_kv, out):
         qkv_rope_decode_q4(x, norm, self.fmt.qs, self.d, self.m, bqkv, cos, sin, eps, n_q, n_kv, out)
