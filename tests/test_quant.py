@@ -119,13 +119,46 @@ def test_the_default_models_weights_come_back_from_their_file_formats(real_model
     assert not np.array_equal(Q4_1.quantize(embed).dequantize(), embed)
 
 
-def test_int8_quantises_large_matrices_in_chunks_like_row_by_row():
-    w = np.random.default_rng(3).standard_normal((2500, 40)).astype(np.float32)  # crosses two chunk edges
-    whole = Int8.quantize(w)
+@pytest.mark.parametrize("fmt", [Int8, Q8_0, Q4_0, Q4_1])
+def test_large_matrices_quantise_in_chunks_like_row_by_row(fmt):
+    w = np.random.default_rng(3).standard_normal((2500, 64)).astype(np.float32)  # crosses two chunk edges
+    whole = fmt.quantize(w)
     for r in (0, 1023, 1024, 2047, 2048, 2499):
-        row = Int8.quantize(w[r:r + 1])
-        np.testing.assert_array_equal(whole.q[r], row.q[0])
-        assert whole.scale[r] == row.scale[0]
+        row = fmt.quantize(w[r:r + 1])
+        for field in whole.__dataclass_fields__:
+            np.testing.assert_array_equal(getattr(whole, field)[r], getattr(row, field)[0])
+
+
+def integer_case(fmt, rng, N=40, K=512):
+    """Weights whose format values are integers with unit scales (each block's extremes pin d to 1 and,
+    for Q4_1, the minimum to 0) and integer activations: every exact sum is an integer below 2^24."""
+    if fmt is Q8_0:
+        w = rng.integers(-127, 128, (N, K)).astype(np.float32)
+        w.reshape(N, -1, BLOCK)[..., 0] = 127  # block max 127: d = 1
+    else:
+        w = rng.integers(0, 16, (N, K)).astype(np.float32)
+        w.reshape(N, -1, BLOCK)[..., 0], w.reshape(N, -1, BLOCK)[..., 1] = 0, 15  # min 0, max 15: d = 1, m = 0
+    x = rng.integers(-127 if fmt is Q8_0 else 0, 128, (1, K)).astype(np.float32)
+    x.reshape(1, -1, BLOCK)[..., 0] = 127  # q8_0 rounds activations with d = max|x| / 127 = 1: unchanged
+    return w, x
+
+
+@pytest.mark.parametrize("fmt_name", ["q8_0", "q8_0_weights", "q4_1"])
+def test_block_kernels_sum_integers_exactly(fmt_name):
+    """Where the arithmetic is integer the kernels are bit-exact: with unit scales each output is a sum
+    of integer products (q8_0: int8 · int8, the sum llama.cpp makes in int32), which must come out
+    as exactly the integer NumPy computes in int64, whatever order the vectorised kernel adds in."""
+    from ops.quantized import PREPARED
+
+    fmt, prepared = PREPARED[fmt_name]
+    w, x = integer_case(fmt, np.random.default_rng(5))
+    weight = prepared.of(fmt.quantize(w))
+    assert np.all(weight.d == 1) and (fmt is not Q4_1 or np.all(weight.m == 0))
+    out = np.empty((1, w.shape[0]), np.float32)
+    weight.matvec(x, out)
+    exact = x.astype(np.int64) @ w.astype(np.int64).T
+    assert np.abs(exact).max() > 2**16  # sums large enough that float32 rounding would show, were there any
+    np.testing.assert_array_equal(out, exact.astype(np.float32))
 
 
 @pytest.mark.real_model
