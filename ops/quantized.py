@@ -206,11 +206,11 @@ def qkv_rope_decode_q8_0(x, norm, qs, d, bqkv, cos, sin, eps, n_q, n_kv, out):
 
 @njit
 def dequantize_q8_0_rows(qs, d, first, out):
-    """Q8_0.dequantize, row by row: out = qs · d."""
+    """Q8_0.dequantize, row by row: out = qs · d, out in blocks (rows, K/32, 32)."""
     for i in range(out.shape[0]):
-        for b in range(d.shape[1]):
-            for k in range(BLOCK):
-                out[i, b * BLOCK + k] = np.float32(qs[first + i, b, k]) * d[first + i, b]
+        for b in range(out.shape[1]):
+            for k in range(out.shape[2]):
+                out[i, b, k] = np.float32(qs[first + i, b, k]) * d[first + i, b]
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ class Q8_0Weight:
         qkv_rope_decode_q8_0(x, norm, self.fmt.qs, self.d, bqkv, cos, sin, eps, n_q, n_kv, out)
 
     def dequantize_rows(self, first, out):
-        dequantize_q8_0_rows(self.fmt.qs, self.d, first, out)
+        dequantize_q8_0_rows(self.fmt.qs, self.d, first, out.reshape(out.shape[0], -1, BLOCK))
 
     ROUNDS_ACTIVATIONS = True
 
@@ -350,13 +350,16 @@ def qkv_rope_decode_q4(x, norm, qs, d, m, bqkv, cos, sin, eps, n_q, n_kv, out):
 @njit
 def dequantize_q4_rows(qs, d, m, offset, first, out):
     """Q4_0/Q4_1.dequantize, row by row: out = d · (q - offset) + m, with offset 8 and m = 0 for
-    q4_0 (its definition's arithmetic, so the tiles are its values) and offset 0 for q4_1."""
+    q4_0 (its definition's arithmetic, so the tiles are its values) and offset 0 for q4_1; out in
+    half-blocks (rows, K/32, 2, 16), the nibbles split as in q4_dot."""
     for i in range(out.shape[0]):
-        for b in range(d.shape[1]):
-            for k in range(BLOCK // 2):
-                byte = qs[first + i, b, k]
-                out[i, b * BLOCK + k] = d[first + i, b] * (np.float32(byte & 15) - offset) + m[first + i, b]
-                out[i, b * BLOCK + BLOCK // 2 + k] = d[first + i, b] * (np.float32(byte >> 4) - offset) + m[first + i, b]
+        for b in range(out.shape[1]):
+            scale, low = d[first + i, b], m[first + i, b]
+            for k in range(out.shape[3]):
+                v = np.float32(qs[first + i, b, k])
+                hi = np.floor(v * np.float32(0.0625))
+                out[i, b, 0, k] = scale * (v - np.float32(16.0) * hi - offset) + low
+                out[i, b, 1, k] = scale * (hi - offset) + low
 
 
 @dataclass(frozen=True)
@@ -394,7 +397,7 @@ class Q4Weight:
     def dequantize_rows(self, first, out):
         q4_0 = isinstance(self.fmt, Q4_0)
         dequantize_q4_rows(self.fmt.qs, self.d, np.zeros_like(self.d) if q4_0 else self.m,
-                           np.float32(8 if q4_0 else 0), first, out)
+                           np.float32(8 if q4_0 else 0), first, halves(out))
 
     ROUNDS_ACTIVATIONS = False
 
