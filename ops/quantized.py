@@ -152,6 +152,7 @@ def quantize_activation_rows(x, xq, xd):
                 xq[t, b, i] = r
 
 
+@njit
 def quantized_activations(x):
     """x (T, K) float32 -> xq (T, K/32, 32) integer levels (as float32), xd (T, K/32) float32."""
     T, K = x.shape
@@ -179,14 +180,18 @@ def q8_0_dot(xq, xd, qs, d, j):
 
 
 @njit(parallel=True)
-def matvec_q8_0_rows(xq, xd, qs, d, out):
+def matvec_q8_0_rows(x, qs, d, out):
+    """out[t, j] = x[t]·W[j] with x[t] rounded per block first (inside the kernel: one call per
+    projection from Python, not three)."""
+    xq, xd = quantized_activations(x)
     for j in prange(qs.shape[0]):
         for t in range(xq.shape[0]):
             out[t, j] = q8_0_dot(xq[t], xd[t], qs, d, j)
 
 
 @njit(parallel=True)
-def gate_up_q8_0_rows(xq, xd, gate_qs, gate_d, up_qs, up_d, out):
+def gate_up_q8_0_rows(h, gate_qs, gate_d, up_qs, up_d, out):
+    xq, xd = quantized_activations(h)
     for j in prange(gate_qs.shape[0]):
         for t in range(xq.shape[0]):
             out[t, j] = silu_scalar(q8_0_dot(xq[t], xd[t], gate_qs, gate_d, j)) * q8_0_dot(xq[t], xd[t], up_qs, up_d, j)
@@ -196,9 +201,7 @@ def gate_up_q8_0_rows(xq, xd, gate_qs, gate_d, up_qs, up_d, out):
 def qkv_rope_decode_q8_0(x, norm, qs, d, bqkv, cos, sin, eps, n_q, n_kv, out):
     """Norm, round the normalised row per block, stream the Q8_0 rows, then bias and RoPE."""
     h = _normalised(x, norm, eps)
-    xq = np.empty((1, d.shape[1], BLOCK), dtype=np.float32)
-    xd = np.empty((1, d.shape[1]), dtype=np.float32)
-    quantize_activation_rows(h.reshape(1, -1), xq, xd)
+    xq, xd = quantized_activations(h.reshape(1, -1))
     for j in prange(qs.shape[0]):
         out[j] = q8_0_dot(xq[0], xd[0], qs, d, j)
     _bias_and_rope(out, bqkv, cos, sin, n_q, n_kv)
@@ -229,10 +232,10 @@ class Q8_0Weight:
         return self.fmt.shape
 
     def matvec(self, x, out):
-        matvec_q8_0_rows(*quantized_activations(x), self.fmt.qs, self.d, out)
+        matvec_q8_0_rows(np.ascontiguousarray(x), self.fmt.qs, self.d, out)
 
     def gate_up(self, h, up: "Q8_0Weight", out):
-        gate_up_q8_0_rows(*quantized_activations(h), self.fmt.qs, self.d, up.fmt.qs, up.d, out)
+        gate_up_q8_0_rows(np.ascontiguousarray(h), self.fmt.qs, self.d, up.fmt.qs, up.d, out)
 
     def qkv_rope_decode(self, x, norm, bqkv, cos, sin, eps, n_q, n_kv, out):
         qkv_rope_decode_q8_0(x, norm, self.fmt.qs, self.d, bqkv, cos, sin, eps, n_q, n_kv, out)
@@ -287,14 +290,17 @@ class Q8_0WeightOnly(Q8_0Weight):
 
 
 @njit
-def block_sums(x, xs):
-    """xs[t, b] = sum of block b of row t: the m·Σx term of every 4-bit row's dot product."""
+def block_sums(x):
+    """(T, K) -> (T, K/32): the sum of each block of each row, for the m·Σx term of every 4-bit
+    row's dot product."""
+    xs = np.empty((x.shape[0], x.shape[1] // BLOCK), dtype=np.float32)
     for t in range(x.shape[0]):
         for b in range(xs.shape[1]):
             s = np.float32(0.0)
             for i in range(BLOCK):
                 s += x[t, b * BLOCK + i]
             xs[t, b] = s
+    return xs
 
 
 def halves(x):
@@ -322,26 +328,27 @@ def q4_dot(x, xs, qs, d, m, j):
 
 
 @njit(parallel=True)
-def matvec_q4_rows(x, xs, qs, d, m, out):
-    """x (T, K/32, 2, 16): the activation rows in half-blocks; xs (T, K/32) their block sums."""
+def matvec_q4_rows(x, qs, d, m, out):
+    """x (T, K), contiguous: seen as half-blocks (T, K/32, 2, 16), with its block sums."""
+    xs, xh = block_sums(x), x.reshape(x.shape[0], -1, 2, BLOCK // 2)
     for j in prange(qs.shape[0]):
         for t in range(x.shape[0]):
-            out[t, j] = q4_dot(x[t], xs[t], qs, d, m, j)
+            out[t, j] = q4_dot(xh[t], xs[t], qs, d, m, j)
 
 
 @njit(parallel=True)
-def gate_up_q4_rows(h, hs, gate_qs, gate_d, gate_m, up_qs, up_d, up_m, out):
+def gate_up_q4_rows(h, gate_qs, gate_d, gate_m, up_qs, up_d, up_m, out):
+    hs, hh = block_sums(h), h.reshape(h.shape[0], -1, 2, BLOCK // 2)
     for j in prange(gate_qs.shape[0]):
         for t in range(h.shape[0]):
-            out[t, j] = silu_scalar(q4_dot(h[t], hs[t], gate_qs, gate_d, gate_m, j)) * q4_dot(
-                h[t], hs[t], up_qs, up_d, up_m, j)
+            out[t, j] = silu_scalar(q4_dot(hh[t], hs[t], gate_qs, gate_d, gate_m, j)) * q4_dot(
+                hh[t], hs[t], up_qs, up_d, up_m, j)
 
 
 @njit(parallel=True)
 def qkv_rope_decode_q4(x, norm, qs, d, m, bqkv, cos, sin, eps, n_q, n_kv, out):
     h = _normalised(x, norm, eps)
-    hs = np.empty((1, d.shape[1]), dtype=np.float32)
-    block_sums(h.reshape(1, -1), hs)
+    hs = block_sums(h.reshape(1, -1))
     for j in prange(qs.shape[0]):
         out[j] = q4_dot(h.reshape(-1, 2, BLOCK // 2), hs[0], qs, d, m, j)
     _bias_and_rope(out, bqkv, cos, sin, n_q, n_kv)
@@ -380,16 +387,11 @@ class Q4Weight:
     def shape(self):
         return self.fmt.shape
 
-    def _sums(self, x):
-        xs = np.empty((x.shape[0], self.d.shape[1]), dtype=np.float32)
-        block_sums(x, xs)
-        return xs
-
     def matvec(self, x, out):
-        matvec_q4_rows(halves(x), self._sums(x), self.fmt.qs, self.d, self.m, out)
+        matvec_q4_rows(np.ascontiguousarray(x), self.fmt.qs, self.d, self.m, out)
 
     def gate_up(self, h, up: "Q4Weight", out):
-        gate_up_q4_rows(halves(h), self._sums(h), self.fmt.qs, self.d, self.m, up.fmt.qs, up.d, up.m, out)
+        gate_up_q4_rows(np.ascontiguousarray(h), self.fmt.qs, self.d, self.m, up.fmt.qs, up.d, up.m, out)
 
     def qkv_rope_decode(self, x, norm, bqkv, cos, sin, eps, n_q, n_kv, out):
         qkv_rope_decode_q4(x, norm, self.fmt.qs, self.d, self.m, bqkv, cos, sin, eps, n_q, n_kv, out)
