@@ -273,9 +273,9 @@ def matvec_q8_0_weight_only_rows(x, qs, d, out):
 
 
 class Q8_0WeightOnly(Q8_0Weight):
-    """Q8_0 weights, float32 activations (weight-only, like int8): for the LM head of the 4-bit
-    presets. SmolLM2's head is its embedding, which the default model stores as Q8_0, so this head
-    is exact there, where rounding the activations too cost a KL of 0.001 (benchmarks/RESULTS.md)."""
+    """Q8_0 weights, float32 activations (weight-only, like int8): the LM head of every quantised
+    preset (tinyllm/schedule.py::_kernel_presets says why, with the measurements). SmolLM2's head
+    is its embedding, which the default model stores as Q8_0, so this head is exact there."""
 
     ROUNDS_ACTIVATIONS = False
 
@@ -631,4 +631,4 @@ for _name, _doc in _DOCS.items():
 variant("norm_head", "q8_0_weights", prepare=_prepare_head("q8_0_weights"), weight_format="q8_0",
         reference=norm_head_dequantized, inputs=lambda: _norm_head_inputs(BLOCK), examples=_block_examples("norm_head"),
         available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)(
-    _with_doc(norm_head_quantized, "Q8_0 weights, float32 activations (the 4-bit presets' head)"))
+    _with_doc(norm_head_quantized, "Q8_0 weights, float32 activations (the quantised presets' head)"))

@@ -163,10 +163,10 @@ def test_block_kernels_sum_integers_exactly(fmt_name):
 
 @pytest.mark.real_model
 def test_int8_linear_keeps_the_references_top1_on_the_real_model(real_model, real_model_dir):
-    """The `int8` preset: weight-only int8 projections, LM head included (the embedding stays float32).
-    On 512 tokens of English prose the prefill (tiles widened into BLAS) picks the reference's top-1
-    token at 95% of positions or more, and so do 16 decode steps (the int8 matrix-vector kernels) at
-    90% (measured: 95.9% and 15/16; with the head kept in float32 the prefill's would be 97.1%)."""
+    """The `int8` preset: weight-only int8 projections (the head as Q8_0 weights, the embedding
+    float32). On 512 tokens of English prose the prefill (tiles widened into BLAS) picks the
+    reference's top-1 token at 95% of positions or more, and so do 16 decode steps (the int8
+    matrix-vector kernels) at 90% (measured: 97.1% and 16/16; with a per-row int8 head 95.9%)."""
     import tinyllm
     from tinyllm.bench import bench_prompt
 
