@@ -160,8 +160,10 @@ BAD_MODELS = [
      ModelError, "overlap"),
     ("offsets disagree with dtype x shape", lambda m: edit_header(m, lambda h: h[NORM0].update(shape=[47])), ModelError,
      f"tensor '{NORM0}' has data_offsets"),
-    ("unknown dtype", lambda m: edit_header(m, lambda h: h[NORM0].update(dtype="I8")), ModelError,
-     f"tensor '{NORM0}' has dtype 'I8'; tinyllm reads F32, F16, BF16, F64"),
+    ("unknown dtype", lambda m: edit_header(m, lambda h: h[NORM0].update(dtype="I16")), ModelError,
+     f"tensor '{NORM0}' has dtype 'I16'; tinyllm reads F32, F16, BF16, F64, I8, U8"),
+    ("integers outside a quantised matrix", lambda m: edit_header(m, lambda h: h[NORM0].update(dtype="I8", shape=[192])),
+     ModelError, f"tensor '{NORM0}' has dtype I8, which only the parts of a quantised matrix"),
     ("shard missing", shard, ModelError,
      "shard model-00002-of-00002.safetensors listed in the index is missing"),
 ]

@@ -27,7 +27,7 @@ def tour_commands():
 
 def test_the_tour_has_its_commands():
     kinds = {shlex.split(c)[3] for c in tour_commands()}
-    assert {"generate", "ops", "check", "bench"} <= kinds
+    assert {"generate", "ops", "check", "bench", "eval"} <= kinds
 
 
 @pytest.mark.real_model
@@ -49,6 +49,11 @@ def test_tour_command_runs(command, real_model_dir):
             assert all(f"decode step profile, {spec} " in r.stdout for spec in specs)
     elif kind == "ops":
         assert "why the tolerances:" in r.stdout
+    elif kind == "eval":  # a row per schedule, reference first and exact against itself
+        specs = [argv[i + 1] for i, a in enumerate(argv) if a == "--ops"]
+        rows = [line.split() for line in r.stdout.splitlines()[3:]]
+        assert [row[0] for row in rows] == ["reference", *specs]
+        assert rows[0][2:] == ["0", "100.00%"] and all(float(row[1]) > 1 for row in rows)
 
 
 def line_starting(text: str, prefix: str) -> bool:

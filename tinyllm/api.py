@@ -15,7 +15,7 @@ import numpy as np
 from .config import read_json
 from .errors import ContextError, ModelError, TinyLLMError
 from .generate import GenerationStats, Sampling, generate_tokens
-from .loading import release_free_heap
+from .loading import read_quantization, release_free_heap
 from .model import KVCache, Transformer
 from . import schedule as scheduling
 from .tokenizer import StreamDecoder, Tokenizer
@@ -34,7 +34,14 @@ class Model:
             raise ModelError(f"model directory {self.path} is a file; give the directory that holds config.json")
         if not self.path.is_dir():
             raise ModelError(f"model directory {self.path} does not exist")
-        self.schedule = scheduling.parse(ops)  # validated before the weights are read
+        stored = _quantized_for(self.path) if ops is None else None
+        try:  # validated before the weights are read
+            self.schedule = scheduling.parse(stored or ops)  # a model saved by `tinyllm quantize`: its schedule
+        except scheduling.ScheduleError as e:
+            if stored is None:
+                raise
+            raise scheduling.ScheduleError(f"{self.path} was quantised for --ops {stored}, which cannot run here "
+                                           f"(give --ops): {e}") from None
         self.check_numerics = check_numerics
         self.transformer = Transformer.from_dir(self.path, check_numerics=check_numerics)
         scheduling.apply(self.transformer, self.schedule, check_numerics)
@@ -184,6 +191,16 @@ class Model:
                           ContextLimitWarning, stacklevel=2)
 
 
+def _quantized_for(path: Path) -> str | None:
+    """The schedule a directory written by `tinyllm quantize` was made for; None for any other, or
+    when its files cannot be read (loading them then reports what is wrong, in its usual order)."""
+    try:
+        record = read_quantization(path)
+    except ModelError:
+        return None
+    return record.spec if record else None
+
+
 def until_stop(pieces: Iterator[str], stops: list[str], on_stop=lambda: None) -> Iterator[str]:
     """`pieces` up to the first of the `stops` strings (not included; then `on_stop()` is called).
 
@@ -258,7 +275,8 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed=None):
 
 def load(path: str | Path | None = None, ops=None, progress: bool = True, check_numerics: bool = False) -> Model:
     """Load a Hugging Face-layout Llama model directory; `path=None` means the default model,
-    pulled (downloaded and converted) first if it is not there yet.
+    pulled (downloaded and converted) first if it is not there yet. `ops` is the schedule (default: the
+    fastest exact preset, or for a directory written by `tinyllm quantize` the schedule it was made for).
 
     `check_numerics=True` refuses weights holding NaN/Inf and checks every op's output, raising a
     NumericsError that names the first op and layer to produce NaN/Inf (slower; off by default)."""

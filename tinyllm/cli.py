@@ -112,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="convert again even if the model is there")
     p.set_defaults(run=cmd_pull)
 
+    qz = sub.add_parser(
+        "quantize", help="save a model with its projections stored quantised, for a schedule", parents=[plugin],
+        description="Write the model to a new directory in which every projection (and the LM head, where the "
+        "schedule reads it quantised) is stored in the format the schedule SPEC reads it in: int8, q8_0, q4_0 or "
+        "q4_1 values and their scales, as safetensors tensors NAME.q/.scale, NAME.qs/.d/.m. Every other tensor "
+        "stays float32; config and tokenizer files are copied. `--model DIR` then loads it without quantising "
+        "anything, and runs SPEC unless given --ops.")
+    qz.add_argument("--ops", metavar="SPEC", required=True,
+                    help="the schedule to store the weights for: a quantised preset (int8, q8_0, q4_0, q4_1) or a "
+                    "spec whose linear or composite variants read a quantised format")
+    qz.add_argument("--out", metavar="DIR", required=True, help="the directory to write (new, or empty)")
+    qz.add_argument("--model", metavar="PATH",
+                    help="the model to quantise (default: the default model, pulled if missing)")
+    qz.add_argument("--force", action="store_true",
+                    help="replace a non-empty --out (removed only once the new model is complete)")
+    qz.set_defaults(run=cmd_quantize)
+
     o = sub.add_parser(
         "ops", help="list every op, its variants, which one a schedule runs, and how each is checked",
         parents=[plugin],
@@ -119,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a variant's output must meet against the NumPy reference. Composite ops run their steps as the "
         "scheduled primitive ops (`composed`) unless a fused variant is chosen.")
     o.add_argument("--ops", metavar="SPEC", default=None, help=SPEC_HELP)
+    o.add_argument("--model", metavar="PATH",
+                   help="also say what this model directory stores (formats written by `tinyllm quantize`); its "
+                   "default schedule is then the one it was quantised for")
     o.add_argument("-v", "--verbose", action="store_true",
                    help="also say why each tolerance is what it is, and what each variant is")
     o.set_defaults(run=cmd_ops)
@@ -160,6 +180,38 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="PATH", help="also draw the per-op breakdown of each schedule as stacked bars "
                    "into a PNG at PATH (implies --profile; needs matplotlib: pip install 'tinyllm-edu[plot]')")
     b.set_defaults(run=cmd_bench)
+
+    e = sub.add_parser(
+        "eval", help="measure what schedules cost in accuracy: perplexity, KL and top-1 against reference",
+        parents=[plugin],
+        description="Score schedules on a fixed text: by default the first --tokens tokens of the standard "
+        "library's pydoc_data.topics prose (in every Python), tokenized without BOS, in independent windows of "
+        "--window tokens, each predicting its own next tokens. For each schedule (the float32 reference is always "
+        "the first row): perplexity, and against reference on the same positions the mean KL divergence "
+        "KL(reference || schedule) and top-1 agreement (the share of positions where both pick the same token).")
+    _add_model_args(e, ops=False)
+    e.add_argument("--ops", action="append", metavar="SPEC",
+                   help="a schedule to score beside reference, e.g. int8 or fused,attention=reference (repeatable; "
+                   "default: every preset; `tinyllm ops` lists the names)")
+    e.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS, metavar="N",
+                   help=f"score the first N tokens of the text (default {DEFAULT_EVAL_TOKENS}; fewer if the text "
+                   "has fewer)")
+    e.add_argument("--window", type=int, default=DEFAULT_EVAL_WINDOW, metavar="N",
+                   help=f"tokens per window (default {DEFAULT_EVAL_WINDOW}); each window is run on its own, from "
+                   "its first token, and scores its N-1 next-token predictions")
+    e.add_argument("--text", metavar="FILE", help="score this UTF-8 text file instead of the pydoc text")
+    e.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="BLAS and Numba threads (default: their own defaults, all cores)")
+    e.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    e.add_argument("--plot", metavar="PATH",
+                   help="also draw decode tokens/s against KL divergence, one point per schedule, into a PNG at "
+                   "PATH; the speeds are measured like `tinyllm bench` (each schedule in its own process, one "
+                   "round of 32 new tokens) unless --bench-json gives them (needs matplotlib: "
+                   "pip install 'tinyllm-edu[plot]')")
+    e.add_argument("--bench-json", metavar="FILE",
+                   help="take each schedule's decode tokens/s from FILE, written by an earlier `tinyllm bench "
+                   "--json` run with the same --ops (steadier than --plot's one short round)")
+    e.set_defaults(run=cmd_eval, sets_threads=True)
     return parser
 
 
@@ -307,13 +359,29 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .quantize import quantize
+
+    print(quantize(args.model, args.ops, args.out, force=args.force))
+    return 0
+
+
 def cmd_ops(args) -> int:
     from ops.registry import OPS, VARIANTS
 
     from .schedule import parse
 
-    schedule = parse(args.ops)
+    record = None
+    if args.model is not None:
+        from .loading import read_quantization
+
+        record = read_quantization(args.model)
+    schedule = parse(args.ops if args.ops is not None or record is None else record.spec)
     print(f"schedule: {schedule.spec}\n")
+    if args.model is not None:
+        print(f"model {args.model}: " + ("\n".join(record.describe()) if record else
+                                         "float weights (not quantised: a quantised schedule quantises them as it "
+                                         "loads)") + "\n")
     rows = [("op", "variants (* runs)", "rule")]
     for name, op in OPS.items():
         names = []
@@ -401,6 +469,48 @@ def cmd_bench(args) -> int:
               log=lambda m: print(m, file=sys.stderr))
     bench.report(engines, threads=args.threads, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                  rounds=args.rounds, json_path=args.json, plot_path=args.plot)
+    return 0
+
+
+DEFAULT_EVAL_TOKENS, DEFAULT_EVAL_WINDOW = 4096, 512
+
+
+def cmd_eval(args) -> int:
+    from . import bench, eval as evaluation
+    from .api import load
+    from .schedule import PRESETS, parse
+
+    for name, value in [("--tokens", args.tokens), ("--window", args.window)]:
+        if value < 2:  # a window of one token predicts nothing
+            raise TinyLLMError(f"{name} must be at least 2, got {value}")
+    specs = list(dict.fromkeys(["reference", *(args.ops or PRESETS)]))  # reference first, each once
+    for spec in specs:
+        parse(spec)  # a bad spec fails here, in one line, before any model loads
+    bench.check_outputs(args.json, args.plot)  # unwritable outputs fail now, not after minutes of scoring
+    speeds = evaluation.speeds_from_bench_json(args.bench_json, specs) if args.bench_json else None
+    text = evaluation.read_text(args.text) if args.text is not None else evaluation.pydoc_text()
+    log = (lambda message: print(message, file=sys.stderr)) if sys.stderr.isatty() else (lambda message: None)
+
+    reference = load(args.model, ops="reference")
+    ids, window = evaluation.tokens_to_score(reference, text, args.tokens, args.window)
+    models = []
+    for spec in specs[1:]:  # all loaded before anything is scored or timed: a schedule that fails, fails now
+        log(f"loading {spec} ...")
+        models.append(load(reference.path, ops=spec))
+    scores = evaluation.evaluate(reference, models, ids, window)
+    if args.plot is not None and speeds is None:
+        import gc
+
+        from .schedule import plugins_from_env
+
+        path, context = str(reference.path), reference.config.max_seq_len
+        del reference, models
+        gc.collect()  # this process's weights leave memory before the children are timed
+        speeds = evaluation.measured_speeds(specs, path, context, args.threads,
+                                            plugins_from_env() + (args.plugin or []), log)
+    for score in scores:
+        score.decode_tok_s = speeds[score.ops] if speeds else None
+    evaluation.report(scores, text, ids, window, json_path=args.json, plot_path=args.plot)
     return 0
 
 

@@ -3,6 +3,7 @@ interrupted write never leaves a half-written or truncated file."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,3 +45,31 @@ def write_bytes_atomic(path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def usual_permissions(path, mode: int) -> None:
+    """Give `path` the permissions a plain open()/mkdir() would: `mode` minus the umask (mkstemp and
+    mkdtemp make private files, and safetensors writes 0600; a model directory should not be private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def move_dir_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished directory `tmp` onto `out_dir`, first setting aside any old `out_dir`.
+
+    A directory cannot be renamed over a non-empty one, so an old one is moved to a hidden name, the
+    new one takes its place, and only then is the old one deleted; if the swap fails the old one is
+    put back. So the old directory is never destroyed before the new one is complete."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, old / "model")
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(old / "model", out_dir)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

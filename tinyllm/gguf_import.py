@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import ModelError
+from .files import move_dir_into_place as _move_into_place, usual_permissions as _usual_permissions
 
 # GGUF tensor names (without the ".weight" suffix) -> Hugging Face names.
 _GLOBAL_NAMES = {
@@ -157,10 +158,12 @@ def tensor_as_float32(t) -> np.ndarray:
     shape = tuple(int(n) for n in reversed(t.shape))
     try:
         w = gguf.quants.dequantize(t.data, t.tensor_type)
+        # np.array copies: F32 tensors come back as views into the memory-mapped file.
+        return np.array(w, dtype=np.float32).reshape(shape)
     except NotImplementedError:
         raise ModelError(f"tensor {t.name!r} uses {t.tensor_type.name}, which we cannot dequantize") from None
-    # np.array copies: F32 tensors come back as views into the memory-mapped file.
-    return np.array(w, dtype=np.float32).reshape(shape)
+    except ValueError as e:  # data that does not fit its type and shape (a corrupt file)
+        raise ModelError(f"tensor {t.name!r} ({t.tensor_type.name}, shape {shape}) cannot be read: {e}") from None
 
 
 # ---------------------------------------------------------------- checking the layout
@@ -467,31 +470,3 @@ def _tokenizer_config(fields: dict, config: dict) -> dict:
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _usual_permissions(path: Path, mode: int) -> None:
-    """Give `path` the permissions a plain open()/mkdir() would: `mode` minus the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished `tmp` onto `out_dir`, first setting aside any old `out_dir`.
-
-    A directory cannot be renamed over a non-empty one, so an old model is moved
-    to a hidden name, the new one takes its place, and only then is the old one
-    deleted; if the swap fails the old model is put back.
-    """
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, old / "model")
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old / "model", out_dir)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)

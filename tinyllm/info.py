@@ -8,12 +8,13 @@ import numpy as np
 from ops.registry import OPS
 
 from .config import read_json
+from .quantize import format_name
 
 
 def describe(model) -> str:
     """A report on `model` (a tinyllm Model, loaded with its schedule) as lines of text."""
-    return "\n".join([f"model: {model.path}", *_architecture(model), *_parameters(model), *_memory(model),
-                      *_tokenizer(model), *_ops(model)])
+    return "\n".join([f"model: {model.path}", *_architecture(model), *_parameters(model), *_stored(model),
+                      *_memory(model), *_tokenizer(model), *_ops(model)])
 
 
 def _architecture(model) -> list[str]:
@@ -30,8 +31,9 @@ def _architecture(model) -> list[str]:
 
 
 def parameter_count(model) -> int:
-    """Numbers in the model's weights as loaded, each tensor once (a tied output head is the embedding)."""
-    return sum(a.size for a in _unique(_loaded_arrays(model)))
+    """Numbers in the model's weights as loaded, each tensor once (a tied output head is the embedding,
+    even where `tinyllm quantize` stored a quantised copy of it); a quantised N x K matrix is N x K."""
+    return sum(int(np.prod(v.shape)) for v in _unique(_loaded_values(model, unquantized=True)))
 
 
 def _parameters(model) -> list[str]:
@@ -39,10 +41,20 @@ def _parameters(model) -> list[str]:
     return [f"parameters: {n:,} ({n / 1e6:.3g} M)"]
 
 
+def _stored(model) -> list[str]:
+    """For a directory written by `tinyllm quantize`: which matrices it stores in which format."""
+    from .loading import read_quantization
+
+    record = read_quantization(model.path)
+    return record.describe() if record else []
+
+
 def _memory(model) -> list[str]:
-    """Bytes per number format: loaded weights the schedule still reads, what its prepare steps made
-    (copies such as a concatenated Q/K/V matrix), and loaded weights that such copies replaced."""
-    loaded = _unique(_loaded_arrays(model))
+    """Bytes per number format: loaded weights the schedule still reads (a quantised matrix loaded as
+    stored counts under its format: values and scales), what its prepare steps made (copies such as a
+    concatenated Q/K/V matrix, widened scales), and loaded weights that such copies replaced."""
+    loaded = _unique(_loaded_values(model))
+    loaded_arrays = [a for v in loaded for a in _arrays_in(v)]
     site_ops = {(id(s.owner), s.attr): s.op for s in model.transformer.weight_sites}
     installed = defaultdict(list)  # "op=variant" whose (prepared) weights the model calls it with -> arrays
     for owner, name in _weight_fields(model):
@@ -50,16 +62,16 @@ def _memory(model) -> list[str]:
         label = f"{op}={model.schedule.choice[op]}" if op in model.schedule.choice else op
         installed[label] += _arrays_in(getattr(owner, name))
     everything_installed = _unique([a for arrays in installed.values() for a in arrays])
-    read = [a for a in loaded if any(np.may_share_memory(a, b) for b in everything_installed)]
-    replaced = [a for a in loaded if not any(a is r for r in read)]
+    read = [v for v in loaded if any(np.may_share_memory(a, b) for a in _arrays_in(v) for b in everything_installed)]
+    replaced = [v for v in loaded if not any(v is r for r in read)]
     lines = [f"weights in memory (schedule {model.schedule.spec}):"]
     lines += [f"  {dtype:<8} {_mib(n)}  loaded weights it reads" for dtype, n in _bytes_by_dtype(read).items()]
     for label, arrays in installed.items():
-        made = [a for a in _unique(arrays) if not any(np.may_share_memory(a, b) for b in loaded)]
+        made = [a for a in _unique(arrays) if not any(np.may_share_memory(a, b) for b in loaded_arrays)]
         lines += [f"  {dtype:<8} {_mib(n)}  made by {label}'s prepare step"
                   for dtype, n in _bytes_by_dtype(made).items()]
     if replaced:
-        lines.append(f"  (not held: {_mib(sum(a.nbytes for a in replaced)).strip()} of loaded weights that prepared "
+        lines.append(f"  (not held: {_mib(sum(map(_nbytes, replaced))).strip()} of loaded weights that prepared "
                      "copies replace; they stay mapped from the file and are read again if a schedule needs them)")
     return lines
 
@@ -96,11 +108,25 @@ def _weight_fields(model) -> list[tuple[object, str]]:
     return [(t, "embed"), *((L, name) for L in t.layers for name in vars(L)), (t, "head")]
 
 
-def _loaded_arrays(model) -> list[np.ndarray]:
-    """The weights as loaded from the checkpoint (before any prepare step)."""
-    raw = {(id(s.owner), s.attr): s.raw for s in model.transformer.weight_sites}
-    return [a for owner, name in _weight_fields(model)
-            for a in _arrays_in(raw.get((id(owner), name), getattr(owner, name)))]
+def _loaded_values(model, unquantized: bool = False) -> list:
+    """The weights as loaded from the checkpoint (before any prepare step): float arrays, and the
+    matrices stored quantised as their format objects. `unquantized`: a tied head stored quantised
+    is taken as the embedding it is a copy of."""
+    raw = {(id(s.owner), s.attr): s.unquantized if unquantized and s.unquantized is not None else s.raw
+           for s in model.transformer.weight_sites}
+    return [v for owner, name in _weight_fields(model)
+            for v in _values_in(raw.get((id(owner), name), getattr(owner, name)))]
+
+
+def _values_in(value) -> list:
+    """The weights a weight argument holds: float arrays and quantised matrices (format objects)."""
+    if isinstance(value, np.ndarray) or format_name(value) is not None:
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [a for v in value for a in _values_in(v)]
+    if hasattr(value, "__dict__"):
+        return [a for v in vars(value).values() for a in _values_in(v)]
+    return []
 
 
 def _arrays_in(value) -> list[np.ndarray]:
@@ -115,15 +141,20 @@ def _arrays_in(value) -> list[np.ndarray]:
 
 
 def _unique(arrays) -> list[np.ndarray]:
-    """Each array object once (a tied head and the embedding are the same array)."""
+    """Each array (or quantised matrix) object once (a tied head and the embedding are the same array)."""
     return list({id(a): a for a in arrays}.values())
 
 
-def _bytes_by_dtype(arrays) -> dict[str, int]:
+def _bytes_by_dtype(values) -> dict[str, int]:
+    """Bytes per number format: an array's dtype, a quantised matrix's format (its values and scales)."""
     out = defaultdict(int)
-    for a in arrays:
-        out[str(a.dtype)] += a.nbytes
+    for v in values:
+        out[format_name(v) or str(v.dtype)] += _nbytes(v)
     return dict(out)
+
+
+def _nbytes(value) -> int:
+    return sum(a.nbytes for a in _arrays_in(value))
 
 
 def _mib(n: int) -> str:

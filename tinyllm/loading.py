@@ -6,6 +6,10 @@ used in place (a read-only array over the mapped bytes, no copy at all), and a f
 is widened to a new float32 array one tensor at a time. So loading holds about one copy of the
 weights (reading the whole file into a bytes object first would double the peak). NumPy has no
 bfloat16: a bf16 value is the top half of a float32, so we widen it with a 16-bit shift.
+
+A model saved by `tinyllm quantize` stores its projections in quantised formats: the file's metadata
+lists them, and their parts (int8/uint8 values, float16 or float32 scales) are used in place, as they
+are stored, and handed on as ops/quant.py format objects (see tinyllm/quantize.py).
 """
 from __future__ import annotations
 
@@ -19,12 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError, ModelWarning, NumericsError
+from .quantize import RECORD_KEY, Record, assemble, format_name, record_from_metadata
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I8": np.int8, "U8": np.uint8}
+_INTEGER = {"I8", "U8"}  # only the parts of a quantised matrix are integers
 
 
-def _read_header(path: Path, file_size: int) -> tuple[dict, int]:
-    """The JSON header (tensor name -> entry) and the offset where the tensor data starts."""
+def _read_header(path: Path, file_size: int) -> tuple[dict, int, object]:
+    """The JSON header (tensor name -> entry), the offset where the tensor data starts, and the
+    header's `__metadata__` (None when it has none)."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
@@ -41,17 +48,19 @@ def _read_header(path: Path, file_size: int) -> tuple[dict, int]:
         raise ModelError(f"{path}: the header is not valid JSON (not a safetensors file?)") from None
     if not isinstance(header, dict):
         raise ModelError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
-    header.pop("__metadata__", None)
-    return header, 8 + n
+    metadata = header.pop("__metadata__", None)
+    return header, 8 + n, metadata
 
 
 def _is_count(x) -> bool:
     return type(x) is int and x >= 0  # not bool, not float: JSON 2.0 or true is no size
 
 
-def _tensor_entries(path: Path, header: dict, data_size: int) -> list[tuple]:
+def _tensor_entries(path: Path, header: dict, data_size: int, parts: dict[str, str]) -> list[tuple]:
     """Each tensor's (name, dtype name, shape, begin, end), checked against the data section:
-    a known dtype, a byte range inside the file whose length is dtype size x elements, no overlaps.
+    a known dtype (the one its quantised matrix needs, for the `parts` named in the file's quantisation
+    record; never an integer one for any other tensor), a byte range inside the file whose length is
+    dtype size x elements, no overlaps.
     Names and dtypes come from the file, so messages quote them (repr): a newline stays on one line."""
     entries = []
     for name, info in header.items():
@@ -66,7 +75,16 @@ def _tensor_entries(path: Path, header: dict, data_size: int) -> list[tuple]:
                              f"(needs dtype, shape and data_offsets [begin, end])") from None
         if dtype_name not in _DTYPES:
             raise ModelError(f"{path}: tensor {name!r} has dtype {dtype_name!r}; tinyllm reads {', '.join(_DTYPES)}")
-        needed = math.prod(shape) * np.dtype(_DTYPES[dtype_name]).itemsize
+        if name in parts and dtype_name != parts[name]:
+            raise ModelError(f"{path}: tensor {name!r} has dtype {dtype_name}; as a part of a quantised matrix it must "
+                             f"be {parts[name]}")
+        if name not in parts and dtype_name in _INTEGER:
+            raise ModelError(f"{path}: tensor {name!r} has dtype {dtype_name}, which only the parts of a quantised "
+                             f"matrix (listed in the file's {RECORD_KEY} metadata) may have")
+        itemsize = np.dtype(_DTYPES[dtype_name]).itemsize
+        if math.prod(n for n in shape if n) * itemsize > np.iinfo(np.intp).max:  # even with no elements
+            raise ModelError(f"{path}: tensor {name!r} has shape {shape}, larger than any array can be")
+        needed = math.prod(shape) * itemsize
         if end - begin != needed:
             raise ModelError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] ({end - begin} bytes) but "
                              f"dtype {dtype_name} x shape {shape} needs {needed} bytes")
@@ -82,14 +100,17 @@ def _tensor_entries(path: Path, header: dict, data_size: int) -> list[tuple]:
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file as float32 NumPy arrays (HF names -> arrays).
+    """All tensors of one safetensors file as float32 NumPy arrays (HF names -> arrays), except the
+    matrices the file's quantisation record lists: ops/quant.py format objects over the stored parts.
     Anything malformed is a ModelError naming the file and the tensor."""
     try:
         file_size = Path(path).stat().st_size
-        header, data_start = _read_header(path, file_size)
-        entries = _tensor_entries(path, header, file_size - data_start)
+        header, data_start, metadata = _read_header(path, file_size)
+        record = record_from_metadata(metadata, path)
+        parts = record.parts() if record else {}
+        entries = _tensor_entries(path, header, file_size - data_start, parts)
         if not entries:
-            return {}
+            return assemble({}, record, path) if record else {}
         with open(path, "rb") as f:
             # The map outlives the file object: every array made from it keeps a reference to it.
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -100,11 +121,45 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         dtype = np.dtype(_DTYPES[dtype_name])
         raw = np.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize,
                             offset=data_start + begin).reshape(shape)
-        if dtype_name == "BF16":
+        if name in parts:
+            out[name] = raw  # a quantised matrix's part, as stored (its dtype was checked)
+        elif dtype_name == "BF16":
             out[name] = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
             out[name] = raw.astype(np.float32, copy=False)  # F32: the mapped bytes themselves
-    return out
+    return assemble(out, record, path) if record else out
+
+
+def read_quantization(model_dir: Path) -> Record | None:
+    """The quantisation record of a model directory written by `tinyllm quantize` (None for any other
+    directory), from the safetensors headers alone: it costs no weight loading."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"model directory {model_dir} " + ("is a file; give the directory that holds config.json"
+                                                            if model_dir.exists() else "does not exist"))
+    records = []
+    for name in weight_files(model_dir):
+        path = model_dir / name
+        try:
+            _, _, metadata = _read_header(path, path.stat().st_size)
+        except OSError as e:
+            raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
+        record = record_from_metadata(metadata, path)
+        if record is not None:
+            records.append(record)
+    if not records:
+        return None
+    if len({r.spec for r in records}) > 1:
+        raise ModelError(f"{model_dir}: its weight files were quantised for different schedules "
+                         f"({', '.join(sorted({r.spec for r in records}))})")
+    return Record(records[0].spec, {name: fmt for r in records for name, fmt in r.tensors.items()})
+
+
+def _finite_weight(value) -> bool:
+    """all_finite over a float array, or over each part of a quantised matrix."""
+    if format_name(value) is None:
+        return all_finite(value)
+    return all(all_finite(a) for a in vars(value).values())
 
 
 def all_finite(array: np.ndarray) -> bool:
@@ -113,10 +168,8 @@ def all_finite(array: np.ndarray) -> bool:
     return array.size == 0 or bool(np.isfinite(array.max()) and np.isfinite(array.min()))
 
 
-def load_weights(model_dir: Path, check_numerics: bool = False) -> dict[str, np.ndarray]:
-    """Every tensor of a model directory: `model.safetensors`, or the shards an index file lists.
-
-    Tensors holding NaN or Inf are a warning (a ModelWarning), or with `check_numerics` an error."""
+def weight_files(model_dir: Path) -> list[str]:
+    """The safetensors files of a model directory: `model.safetensors`, or the shards an index lists."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
@@ -133,10 +186,18 @@ def load_weights(model_dir: Path, check_numerics: bool = False) -> dict[str, np.
         files = ["model.safetensors"]
     else:
         raise ModelError(f"{model_dir} has no model.safetensors (nor model.safetensors.index.json)")
+    return files
+
+
+def load_weights(model_dir: Path, check_numerics: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor of a model directory: `model.safetensors`, or the shards an index file lists.
+
+    Tensors holding NaN or Inf are a warning (a ModelWarning), or with `check_numerics` an error."""
+    model_dir = Path(model_dir)
     weights = {}
-    for name in files:
+    for name in weight_files(model_dir):
         tensors = read_safetensors(model_dir / name)
-        bad = [t for t, value in tensors.items() if not all_finite(value)]
+        bad = [t for t, value in tensors.items() if not _finite_weight(value)]
         if bad:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             message = f"{model_dir / name}: tensor {bad[0]!r}{more} holds NaN or Inf values"

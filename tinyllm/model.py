@@ -30,6 +30,7 @@ from ops.rope import rope_inv_freq, rope_tables
 from .config import Config
 from .errors import ModelError, ModelWarning
 from .loading import load_weights
+from .quantize import format_name
 
 
 @dataclass
@@ -43,15 +44,19 @@ class Layer:
 
 @dataclass
 class WeightSite:
-    """One weight argument of one op call in the forward pass (`owner.attr`), with the raw float32
-    value it was loaded as. The scheduler replaces `owner.attr` by what the chosen variant's prepare
-    step makes of `raw`, and `key` records which preparation it holds."""
+    """One weight argument of one op call in the forward pass (`owner.attr`), with the raw value it
+    was loaded as: float32, or for a model saved by `tinyllm quantize` its projections in their
+    ops/quant.py formats. The scheduler replaces `owner.attr` by what the chosen variant's prepare
+    step makes of `raw`, and `key` records which preparation it holds. `unquantized`: the float32
+    value a quantised `raw` stands for where that is not its dequantised values (a tied head stored
+    quantised: the embedding); None otherwise."""
 
     op: str
     owner: object
     attr: str
     raw: object
     key: tuple | None = None
+    unquantized: object = None
 
 
 class KVCache:
@@ -86,6 +91,20 @@ def checkpoint_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# The matrices a schedule may store quantised, and the op that reads each (tinyllm/quantize.py).
+_PROJECTION_OPS = {"self_attn.q_proj.weight": "qkv_rope", "self_attn.k_proj.weight": "qkv_rope",
+                   "self_attn.v_proj.weight": "qkv_rope", "self_attn.o_proj.weight": "linear",
+                   "mlp.gate_proj.weight": "swiglu_mlp", "mlp.up_proj.weight": "swiglu_mlp",
+                   "mlp.down_proj.weight": "swiglu_mlp"}
+
+
+def projection_op(name: str) -> str | None:
+    """The op that reads checkpoint tensor `name` if it is a projection (or the LM head), else None."""
+    if name == "lm_head.weight":
+        return "norm_head"
+    return _PROJECTION_OPS.get(name.split(".", 3)[-1]) if name.startswith("model.layers.") else None
+
+
 def is_optional_tensor(name: str) -> bool:
     """Biases (a few Llama-family checkpoints have them) and an untied output head."""
     return name.endswith(".bias") or name == "lm_head.weight"
@@ -103,6 +122,8 @@ class Transformer:
     """Weights plus the forward pass. `forward(ids, start_pos, cache)` is the one entry point."""
 
     def __init__(self, cfg: Config, weights: dict[str, np.ndarray], ops: OpTable | None = None):
+        """`weights`: checkpoint name -> float32 array, or for a projection an ops/quant.py format object
+        (a model saved by `tinyllm quantize`), whose `.shape` is the float matrix's."""
         self.cfg = cfg
         self.ops = ops or reference_table()  # tinyllm.schedule.apply() sets the schedule's table
         w = dict(weights)
@@ -121,6 +142,11 @@ class Transformer:
             t = w.pop(name)
             if tuple(t.shape) != shapes[name]:
                 raise ModelError(f"tensor {name} has shape {tuple(t.shape)}, config says {shapes[name]}")
+            if format_name(t) is not None:  # stored quantised by `tinyllm quantize`: kept in its format
+                if projection_op(name) is None:
+                    raise ModelError(f"tensor {name} is stored quantised ({format_name(t)}); only the projections "
+                                     "and lm_head.weight may be")
+                return t
             return np.ascontiguousarray(t, dtype=np.float32)
 
         self.embed = take("model.embed_tokens.weight")
@@ -145,8 +171,12 @@ class Transformer:
             ))
         norm = take("model.norm.weight")
         lm_head = take("lm_head.weight")
-        if lm_head is None or cfg.tie_word_embeddings:
-            lm_head = self.embed  # tied: the output projection is the embedding table
+        head_unquantized = None
+        if lm_head is None or cfg.tie_word_embeddings:  # tied: the output projection is the embedding table
+            if format_name(lm_head) is None:
+                lm_head = self.embed
+            else:  # ... of which `tinyllm quantize` stored a quantised copy, for schedules reading that format
+                head_unquantized = Weights(norm=norm, weight=self.embed)
         self.head = Weights(norm=norm, weight=lm_head)
         w.pop("model.rotary_emb.inv_freq", None)
         for i in range(cfg.n_layers):
@@ -162,7 +192,7 @@ class Transformer:
         for L in self.layers:
             self.weight_sites += [WeightSite("qkv_rope", L, "attn_in", L.attn_in), WeightSite("linear", L, "wo", L.wo),
                                   WeightSite("swiglu_mlp", L, "mlp", L.mlp)]
-        self.weight_sites.append(WeightSite("norm_head", self, "head", self.head))
+        self.weight_sites.append(WeightSite("norm_head", self, "head", self.head, unquantized=head_unquantized))
 
     @classmethod
     def from_dir(cls, path: Path, ops: OpTable | None = None, check_numerics: bool = False) -> "Transformer":

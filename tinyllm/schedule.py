@@ -13,6 +13,7 @@ those whose preparation changes) and hands the model the op table to call.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -29,6 +30,7 @@ from ops.registry import (COMPOSED, OPS, OpTable, RegistryError, Weights, defaul
 
 from .errors import TinyLLMError
 from .loading import release_pages
+from .quantize import for_format
 
 
 
@@ -166,8 +168,10 @@ def _validate(choice: dict[str, str]) -> None:
 def apply(transformer, schedule: Schedule, check_numerics: bool = False) -> None:
     """Prepare the model's weights for `schedule` and give it the schedule's op table.
 
-    Each weight site keeps the raw float32 value it was loaded with; a site is prepared again only
-    when the variant that reads it (or, inside an unfused composite, the `linear` variant) changes.
+    Each weight site keeps the raw value it was loaded with; a site is prepared again only when the
+    variant that reads it (or, inside an unfused composite, the `linear` variant) changes. Projections
+    loaded quantised (a model saved by `tinyllm quantize`) reach a variant of their own format as they
+    are, and any other variant dequantised (see _raw_for).
     `check_numerics`: the table checks every op's output for NaN/Inf (see tinyllm.numerics); off, the
     model calls the variants directly.
     """
@@ -178,7 +182,8 @@ def apply(transformer, schedule: Schedule, check_numerics: bool = False) -> None
         key = (v.name, linear.name) if v.name == COMPOSED else (v.name,)
         if site.key != key:
             try:
-                changes.append((site, key, prepare_argument(site.op, v, linear, site.raw)))
+                raw = _raw_for(site, linear.weight_format if v.name == COMPOSED else v.weight_format)
+                changes.append((site, key, prepare_argument(site.op, v, linear, raw)))
             except Exception as e:  # a plugin's prepare step may fail in any way
                 who = f"{v.label} (its projections by {linear.label})" if v.name == COMPOSED else v.label
                 raise ScheduleError(f"preparing weights for {who} failed: {type(e).__name__}: {e}") from None
@@ -199,11 +204,25 @@ def apply(transformer, schedule: Schedule, check_numerics: bool = False) -> None
     transformer.ops = table
 
 
+def _raw_for(site, fmt: str):
+    """`site.raw` for a variant that reads `fmt` weights: each quantised projection in it as it is
+    when it is in `fmt`, else the float32 matrix it stands for (tinyllm/quantize.py::for_format), so
+    that a schedule of another format, or of float32, runs on a quantised model too."""
+    if not isinstance(site.raw, Weights):
+        return for_format(site.raw, fmt, site.unquantized)
+    unquantized = vars(site.unquantized) if site.unquantized is not None else {}
+    changed = {name: for_format(value, fmt, unquantized.get(name)) for name, value in vars(site.raw).items()}
+    changed = {name: value for name, value in changed.items() if value is not getattr(site.raw, name)}
+    return site.raw.replace(**changed) if changed else site.raw  # a float32 model's bundles stay as loaded
+
+
 def _arrays(value) -> list:
+    """The NumPy arrays a weight value holds: an array, a Weights bundle's, a (prepared or stored)
+    quantised matrix's fields."""
     if isinstance(value, np.ndarray):
         return [value]
-    if isinstance(value, Weights):
-        return [a for a in vars(value).values() if isinstance(a, np.ndarray)]
+    if isinstance(value, Weights) or dataclasses.is_dataclass(value):
+        return [a for v in vars(value).values() for a in _arrays(v)]
     return []
 
 
