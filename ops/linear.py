@@ -129,23 +129,28 @@ def norm_head_fused(x, w, eps):
 
 # ---------------------------------------------------------------------------------- prefill, any format
 
-TILE_ROWS = 512  # rows widened per BLAS call for a quantised weight: 512 x 576 floats = 1.2 MB, inside L2
+# Float32 bytes dequantised per BLAS call for a quantised weight: every projection of the default
+# model fits whole (1536 x 576 floats = 3.4 MB), and BLAS runs one call on 1536 rows ~13% faster
+# than three on 512 (1.21 against 1.39 ms on 128 tokens, dequantising included; float32 1.12 ms).
+# The LM head (49152 rows) goes in tiles of this size, never a float32 copy of the whole matrix.
+TILE_BYTES = 4 << 20
 
 
 def weights_times_transposed(weight, x) -> np.ndarray:
     """W @ x^T, (N, T), for many rows x (prefill): the operand order OpenBLAS runs faster for our
     shapes (see ops/mlp.py::swiglu_mlp_prefill). A float32 W goes to BLAS whole. A quantised one
     (ops/quantized.py) in tiles of rows, each dequantised into a float32 buffer that stays in cache,
-    so no float32 copy of the whole matrix is ever made; x first gets what the format does to
-    activations (q8_0 rounds them per block of 32, as its decode kernels do)."""
+    (at most TILE_BYTES), so no float32 copy of a large matrix is ever made; x first gets what the
+    format does to activations (q8_0 rounds them per block of 32, as its decode kernels do)."""
     if isinstance(weight, np.ndarray):
         return weight @ x.T
     x = weight.round_activations(x)
     N, K = weight.shape
     out = np.empty((N, x.shape[0]), dtype=np.float32)
-    tile = np.empty((min(TILE_ROWS, N), K), dtype=np.float32)
-    for first in range(0, N, TILE_ROWS):
-        rows = tile[:min(TILE_ROWS, N - first)]
+    tile_rows = max(1, TILE_BYTES // (4 * max(K, 1)))
+    tile = np.empty((min(tile_rows, N), K), dtype=np.float32)
+    for first in range(0, N, tile_rows):
+        rows = tile[:min(tile_rows, N - first)]
         weight.dequantize_rows(first, rows)
         np.matmul(rows, x.T, out=out[first:first + rows.shape[0]])
     return out
