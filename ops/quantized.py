@@ -246,7 +246,9 @@ class Q8_0Weight:
     ROUNDS_ACTIVATIONS = True
 
     def round_activations(self, x):
-        xq, xd = quantized_activations(x)
+        # contiguous first: prefill hands the down projection a transposed view, and rounding it
+        # in place of a copy ran 9x slower (strided blocks; 1.96 against 0.22 + 0.15 ms per layer)
+        xq, xd = quantized_activations(np.ascontiguousarray(x))
         return (xq * xd[..., None]).reshape(x.shape)  # as ops/quant.py::round_activations_q8
 
 
