@@ -379,14 +379,12 @@ def plot(engines: list[Engine], path) -> None:
     """A PNG of where the time goes: for each profiled schedule, one bar per phase (a decode step,
     one prefill) stacked by op, labelled with the phase's tokens/s. Needs matplotlib, an optional
     extra (`pip install 'tinyllm-edu[plot]'`)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")  # draw into a file; no window, no display needed
     import matplotlib.pyplot as plt
 
-    from .files import write_bytes_atomic
+    from .files import save_png
 
     profiled = [e for e in engines if e.profile]
     if not profiled:
@@ -416,10 +414,7 @@ def plot(engines: list[Engine], path) -> None:
         ax.tick_params(axis="x", labelrotation=15)
     fig.suptitle("tinyllm: where the time goes, per schedule")
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, png.getvalue())
+    save_png(fig, path)
 
 
 def main(argv=None) -> None:

@@ -255,14 +255,12 @@ def plot(scores: list[Score], path) -> None:
     KL divergence from reference; the legend gives each one's figures and top-1 agreement. The KL
     axis is symmetric-log, linear below 1e-6, so exact schedules (KL ~1e-11) sit at 0 and quantised
     ones spread by decade. Needs matplotlib, an optional extra (`pip install 'tinyllm-edu[plot]'`)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")  # draw into a file; no window, no display needed
     import matplotlib.pyplot as plt
 
-    from .files import write_bytes_atomic
+    from .files import save_png
 
     fig, ax = plt.subplots(figsize=(10, 5.5))
     markers = "osD^vP*Xph"  # exact schedules share a point: their markers tell them apart
@@ -279,7 +277,4 @@ def plot(scores: list[Score], path) -> None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("tinyllm: decode speed against accuracy, per schedule")
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, png.getvalue())
+    save_png(fig, path)

@@ -47,6 +47,18 @@ def write_bytes_atomic(path, data: bytes) -> Path:
     return path
 
 
+def save_png(fig, path) -> Path:
+    """A matplotlib figure as a PNG at `path`, written atomically (a failed write leaves no half file)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    return write_bytes_atomic(path, png.getvalue())
+
+
 def usual_permissions(path, mode: int) -> None:
     """Give `path` the permissions a plain open()/mkdir() would: `mode` minus the umask (mkstemp and
     mkdtemp make private files, and safetensors writes 0600; a model directory should not be private)."""
