@@ -252,7 +252,7 @@ class Q8_0Weight:
         return (xq * xd[..., None]).reshape(x.shape)  # as ops/quant.py::round_activations_q8
 
 
-# -- Q8_0 weights with float32 activations: the LM head of the 4-bit presets
+# -- Q8_0 weights with float32 activations: the LM head of every quantised preset
 
 @njit(inline="always")
 def q8_0_weight_only_dot(x, qs, d, j):
@@ -421,8 +421,10 @@ assert set(FORMATS) <= set(PREPARED)
 
 
 def linear_quantized(x, weight, bias=None):
-    """linear on quantised weights: the format's matrix-vector kernel for a few rows; for many,
-    BLAS on tiles dequantised in cache, weights on the left."""
+    """linear on quantised weights: the format's matrix-vector kernel, or BLAS on dequantised tiles.
+
+    A few rows (decode) run the matrix-vector kernel; many (prefill) go to BLAS on tiles of the
+    weight dequantised to float32, weights on the left (ops/linear.py::weights_times_transposed)."""
     T, N = x.shape[0], weight.shape[0]
     if T > FEW_ROWS:
         out = np.ascontiguousarray(weights_times_transposed(weight, x).T)
@@ -435,8 +437,9 @@ def linear_quantized(x, weight, bias=None):
 
 
 def swiglu_mlp_quantized(h, w):
-    """The SwiGLU MLP on quantised projections: gate·up·silu in one pass over both matrices, then
-    down (a few rows); for many rows ops/mlp.py::swiglu_mlp_prefill, tiles into BLAS."""
+    """The SwiGLU MLP on quantised projections: gate·up·silu in one pass, then down.
+
+    For many rows, ops/mlp.py::swiglu_mlp_prefill: dequantised tiles into BLAS."""
     if h.shape[0] > FEW_ROWS:
         return swiglu_mlp_prefill(h, w)
     a = np.empty((h.shape[0], w.gate.shape[0]), dtype=np.float32)
@@ -447,8 +450,10 @@ def swiglu_mlp_quantized(h, w):
 
 
 def qkv_rope_quantized(x, w, cos, sin, eps):
-    """qkv_rope=fused on a quantised Wqkv: decode is the same one pass (norm, stream, bias and
-    RoPE) through the format's kernel; prefill the norm, Wqkv @ h^T in tiles into BLAS, then RoPE."""
+    """qkv_rope=fused on a quantised Wqkv: norm, one stream over the rows, bias and RoPE.
+
+    Decode runs that as one pass of the format's kernel; prefill runs the norm, Wqkv @ h^T on
+    dequantised tiles in BLAS, then RoPE."""
     if x.shape[0] == 1:
         return qkv_rope_decode(x, w, cos, sin, eps)
     return qkv_rope_prefill(x, w, cos, sin, eps)
@@ -600,7 +605,7 @@ def _block_examples(op_name):
 
 _DOCS = {
     "int8": "weight-only int8, a scale per output row; activations float32",
-    "q8_0": "llama.cpp's Q8_0 weights; activations rounded per block of 32, int32 block sums",
+    "q8_0": "llama.cpp's Q8_0 weights; activations rounded per block of 32, exact integer block sums",
     "q4_0": "llama.cpp's Q4_0 weights (4 bits, a scale per block of 32); activations float32",
     "q4_1": "llama.cpp's Q4_1 weights (4 bits, a scale and a minimum per block of 32); activations float32",
 }

@@ -68,7 +68,7 @@ class Model:
 
     # -- which variants run ------------------------------------------------------------------------
     def swap(self, op: str, variant: str) -> None:
-        """Run `variant` for `op` from now on (e.g. `model.swap("linear", "int8")`); only the weights
+        """Run `variant` for `op` from now on (e.g. `model.swap("attention", "reference")`); only the weights
         whose preparation changes are prepared again."""
         self.use(f"{self.schedule.spec},{op}={variant}")
 

@@ -1,4 +1,5 @@
-"""The command line: `python -m tinyllm generate|chat|info|pull|ops|check|bench ...` (also installed as `tinyllm`).
+"""The command line: `python -m tinyllm generate|chat|info|pull|quantize|ops|check|bench|eval ...` (also installed
+as `tinyllm`).
 
 Nothing here imports NumPy at module level: `--threads` must set the thread variables before it loads."""
 from __future__ import annotations
@@ -146,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "check", help="prove variants equal to the reference with Hypothesis", parents=[plugin],
         description="Run the property-based equivalence check: each selected variant against its op's NumPy "
-        "reference, on the op's explicit edge cases and then on generated inputs. Prints PASS or FAIL (with the "
-        "observed error on the smallest failing example) per variant; exits 1 if any fails. Same command, same "
-        "verdict: the seed is fixed unless --seed is given.")
+        "reference (a quantised variant against its quantised reference: the weights dequantised, the "
+        "activations rounded as its format does), on the op's explicit edge cases and then on generated inputs. "
+        "Prints PASS or FAIL (with the observed error on the smallest failing example) per variant; exits 1 if "
+        "any fails. Same command, same verdict: the seed is fixed unless --seed is given.")
     c.add_argument("selection", nargs="?", default="",
                    help="comma-separated: an op (all its variants), op=variant, or a preset (the variants it "
                    "uses); default: every variant that is not a reference")
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pip install 'tinyllm-edu[plot]')")
     e.add_argument("--bench-json", metavar="FILE",
                    help="take each schedule's decode tokens/s from FILE, written by an earlier `tinyllm bench "
-                   "--json` run with the same --ops (steadier than --plot's one short round)")
+                   "--json` run with the same --ops and reference (steadier than --plot's one short round)")
     e.set_defaults(run=cmd_eval, sets_threads=True)
     return parser
 

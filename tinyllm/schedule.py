@@ -152,7 +152,7 @@ def _validate(choice: dict[str, str]) -> None:
                                 f"available for {op_name}: {', '.join(usable)}")
     # A fused composite reads its projections in one weight format; `linear` decides the format of all
     # other projections. A mix would silently run part of the model in another precision: refuse it.
-    # The LM head is exempt: its precision is chosen on its own (the 4-bit presets keep it at q8_0).
+    # The LM head is exempt: its precision is chosen on its own (the quantised presets keep it as Q8_0 weights).
     linear = get_variant("linear", choice["linear"])
     for op_name, var_name in choice.items():
         v, o = get_variant(op_name, var_name), OPS[op_name]
