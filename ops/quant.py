@@ -39,9 +39,13 @@ def round_half_away(v: np.ndarray) -> np.ndarray:
 
 
 def _inverse(d: np.ndarray) -> np.ndarray:
-    """1 / d, and 0 where d is 0 (an all-zero block quantises to zeros)."""
-    with np.errstate(divide="ignore"):
-        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    """1 / d, and 0 where that is infinite: d is 0 (an all-zero block quantises to zeros) or so small
+    (subnormal, below 2.9e-39) that 1 / d overflows, which would make every level ±inf or NaN. Such a
+    block quantises to zeros too: llama.cpp's float16 scale holds nothing below 6e-8 anyway, and the
+    q8_0 kernels, which keep the activations' scale in float32, do the same (ops/quantized.py)."""
+    with np.errstate(divide="ignore", over="ignore"):
+        inverse = np.float32(1) / np.asarray(d, dtype=np.float32)
+    return np.where(np.isinf(inverse), np.float32(0), inverse).astype(np.float32)
 
 
 def _blocks(w: np.ndarray) -> np.ndarray:

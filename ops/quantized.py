@@ -135,7 +135,8 @@ class Int8Weight:
 @njit(fastmath=False)  # bit for bit ops/quant.py::q8_blocks (no reassociation, no reciprocal rewrites)
 def quantize_activation_rows(x, xq, xd):
     """Each block of 32 of each row of x: xd = max|x| / 127, xq = round(x / xd) half away from zero:
-    an integer in [-127, 127], kept as a float32 (so the dot products need no conversion)."""
+    an integer in [-127, 127], kept as a float32 (so the dot products need no conversion). Zeros
+    where 1 / xd is infinite, as in q8_blocks."""
     for t in range(x.shape[0]):
         for b in range(xd.shape[1]):
             amax = np.float32(0.0)
@@ -143,6 +144,8 @@ def quantize_activation_rows(x, xq, xd):
                 amax = max(amax, abs(x[t, b * BLOCK + i]))
             d = amax / np.float32(127.0)
             inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            if np.isinf(inv):  # d subnormal, 1 / d overflowed: zeros (ops/quant.py::_inverse says why)
+                inv = np.float32(0.0)
             xd[t, b] = d
             for i in range(BLOCK):
                 v = x[t, b * BLOCK + i] * inv
@@ -531,22 +534,35 @@ def qkv_rope_dequantized(x, w, cos, sin, eps):
 
 # -- comparison rules
 
-def _terms(x, w):
-    return np.abs(x) @ np.abs(w).T
+# How far, in levels, an activation the kernel rounds may lie from the reference's: measured at most
+# 2.5e-4 (silu·up) and 3.3e-5 (rmsnorm) over 1500 generated examples each; this leaves 40x room.
+FLIP_LEVELS = 1e-2
 
 
 def _flip_allowance(x, weight) -> float:
-    """Two roundings of q8_0 activations flipped to the neighbouring level: 2 · max over outputs of
-    the largest (block quantum · |w|) term."""
-    d = np.abs(x.reshape(x.shape[0], -1, BLOCK)).max(axis=-1) / 127  # (T, K/32) quanta
-    quantum = np.repeat(d, BLOCK, axis=1)  # (T, K)
-    return 2 * float(np.max(quantum[:, None, :] * np.abs(weight)[None, :, :], initial=0.0))
+    """What q8_0 roundings that may flip can cost. `x`: the activations as the quantised reference
+    rounds them. Only one within FLIP_LEVELS of a half-level boundary can go to the neighbouring level,
+    costing one quantum (block max / 127) times |w| in each output: their sum, for the worst output.
+    (Allowing a flip anywhere, as much as the largest quantum·|w|, let a kernel that rounded nothing pass.)"""
+    blocks = np.abs(x.reshape(x.shape[0], -1, BLOCK)).astype(np.float64)
+    d = blocks.max(axis=-1, keepdims=True) / 127
+    with np.errstate(divide="ignore", invalid="ignore"):
+        levels = blocks / d  # NaN in an all-zero block: never near a boundary
+    near = np.abs(levels - np.floor(levels) - 0.5) <= FLIP_LEVELS
+    quanta = np.where(near, d, 0).reshape(x.shape)  # (T, K)
+    return float(np.max(quanta @ np.abs(weight).T.astype(np.float64), initial=0.0))
+
+
+def _q8_0_values(w):
+    """A float32 weight as the q8_0 variants hold it: quantised, then dequantised."""
+    return as_format(w, Q8_0).dequantize()
 
 
 def _mlp_slack(h, w):
     from .mlp import swiglu
 
-    return _flip_allowance(swiglu(h @ w.gate.T, h @ w.up.T), w.down)
+    x = round_activations_q8(h)  # the reference's silu·up: from rounded h and the q8_0 weights
+    return _flip_allowance(swiglu(x @ _q8_0_values(w.gate).T, x @ _q8_0_values(w.up).T), w.down)
 
 
 def _qkv_slack(x, w, cos, sin, eps):
@@ -560,13 +576,13 @@ def _head_slack(x, w, eps):
 
 
 FLIP_WHY = ("; the activations the kernel rounds (rmsnorm's or silu·up's output) are computed in another "
-            "order than the reference's, so a value within an ulp of a rounding boundary may go to the "
-            "neighbouring int8 level: allowed twice per output, one quantum (block max / 127) times |w| each")
+            f"order than the reference's, so one within {FLIP_LEVELS:g} of a level of a rounding boundary may go "
+            "to the neighbouring int8 level: each such one is allowed one quantum (block max / 127) times |w|")
 
 
 def _q8_0_rule(op_name, slack):
     base = OPS[op_name].rule
-    return close(base.tol, base.why + FLIP_WHY, base.magnitude, base.magnitude_label, slack, "2 flipped roundings")
+    return close(base.tol, base.why + FLIP_WHY, base.magnitude, base.magnitude_label, slack, "flipped roundings")
 
 
 # -- edge cases for the 32-block formats: a zero block, ±max at block edges, rows of two blocks

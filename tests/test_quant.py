@@ -7,7 +7,7 @@ from gguf import quants
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ops.quant import BLOCK, Int8, Q4_0, Q4_1, Q8_0, round_half_away
+from ops.quant import BLOCK, Int8, Q4_0, Q4_1, Q8_0, q8_blocks, round_half_away
 
 GGML_TYPE = {Q8_0: GGML.Q8_0, Q4_0: GGML.Q4_0, Q4_1: GGML.Q4_1}
 
@@ -180,3 +180,60 @@ def test_int8_linear_keeps_the_references_top1_on_the_real_model(real_model, rea
     decode_top1 = np.mean([a.argmax() == b.argmax() for a, b in steps])
     assert prefill_top1 >= 0.95 and decode_top1 >= 0.9, (prefill_top1, decode_top1)
     assert not np.array_equal(ref, ours)  # it does run on other weights
+
+
+def awkward_activations(rng) -> np.ndarray:
+    """Rows of blocks a rounding gets wrong: exact ties (d = 1, levels k + 0.5), zeros and -0.0, the
+    largest finite float32, and blocks so small that their scale max / 127 is subnormal, where 1 / d
+    overflows to inf."""
+    x = rng.standard_normal((8, 4 * BLOCK)).astype(np.float32)
+    x[0, :BLOCK] = np.float32(0.5) * np.arange(BLOCK) - 8
+    x[0, 0] = 127  # d = 1: the others are exact halves
+    x[0, BLOCK:2 * BLOCK] = -x[0, :BLOCK]
+    x[1, :BLOCK], x[1, BLOCK:2 * BLOCK], x[1, 2 * BLOCK] = 0, -0.0, -0.0
+    x[2, :BLOCK] *= np.float32(3.4e38) / np.abs(x[2, :BLOCK]).max()
+    for row, peak in zip(range(3, 8), [1e-36, 3e-37, 1e-38, 1e-40, 1e-44]):
+        x[row] *= np.float32(peak) / np.abs(x[row]).max()
+    return x
+
+
+def test_q8_0_kernels_round_activations_as_q8_blocks_bit_for_bit():
+    """The kernels' rounding (ops/quantized.py) is the definition's (q8_blocks), scale and level alike:
+    the quantised reference that `check` compares them with rounds by the definition."""
+    from ops.quantized import quantized_activations
+
+    x = awkward_activations(np.random.default_rng(0))
+    d, q = q8_blocks(x)
+    xq, xd = quantized_activations(x)
+    np.testing.assert_array_equal(xd.view(np.uint32), d.view(np.uint32))
+    np.testing.assert_array_equal(xq, q.astype(np.float32))
+
+
+def test_tiny_activations_give_tiny_q8_0_outputs_not_nan():
+    """A block whose scale is subnormal (max < ~4e-37: 1 / d overflows) rounds to zeros, as llama.cpp's
+    float16 scale makes of it, in decode and prefill alike; it must not become inf levels and NaN."""
+    from ops.quantized import PREPARED, linear_dequantized, linear_quantized
+
+    fmt, prepared = PREPARED["q8_0"]
+    rng = np.random.default_rng(1)
+    w = prepared.of(fmt.quantize(rng.standard_normal((16, 2 * BLOCK)).astype(np.float32)))
+    x = (rng.standard_normal((6, 2 * BLOCK)) * 1e-38).astype(np.float32)
+    for rows in (1, 6):  # the decode kernel, BLAS on dequantised tiles
+        out = linear_quantized(x[:rows], w)
+        assert np.isfinite(out).all() and np.abs(out).max() < 1e-30, rows
+        np.testing.assert_array_equal(out, linear_dequantized(x[:rows], w))
+
+
+def test_nan_and_inf_activations_propagate_through_q8_0():
+    from ops.quantized import PREPARED, linear_quantized
+
+    fmt, prepared = PREPARED["q8_0"]
+    rng = np.random.default_rng(2)
+    w = prepared.of(fmt.quantize(rng.standard_normal((8, 2 * BLOCK)).astype(np.float32)))
+    for bad in (np.nan, np.inf, -np.inf):
+        for rows in (1, 6):
+            x = rng.standard_normal((rows, 2 * BLOCK)).astype(np.float32)
+            x[0, 3] = bad
+            with np.errstate(invalid="ignore"):  # inf · 0
+                out = linear_quantized(x, w)
+            assert not np.isfinite(out[0]).any() and np.isfinite(out[1:]).all(), (bad, rows)

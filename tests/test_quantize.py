@@ -268,6 +268,44 @@ def test_force_replaces_a_directory_only_when_the_new_one_is_complete(block_mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
 
 
+@pytest.mark.parametrize("out", [".", "..", "here/.."])
+def test_the_working_directory_is_refused_as_out(block_model_dir, tmp_path, monkeypatch, out):
+    # it cannot be renamed away (`.`: "Device or resource busy", after all the work), and the summary and
+    # the shell would be left standing in a deleted directory
+    work = tmp_path / "work"
+    (work / "here").mkdir(parents=True)
+    (work / "here" / "mine.txt").write_text("mine")
+    monkeypatch.chdir(work / "here" if out != "here/.." else work)
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    with pytest.raises(tinyllm.TinyLLMError, match="is the current directory or holds it") as e:
+        quantize(block_model_dir, "q8_0", out, force=True, progress=False)
+    assert "\n" not in str(e.value)
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
+def test_a_failed_move_of_the_old_directory_leaves_nothing_behind(tmp_path, monkeypatch):
+    import os
+
+    from tinyllm import files
+
+    new, old = tmp_path / "new", tmp_path / "out"
+    new.mkdir()
+    old.mkdir()
+    (old / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def refuse_to_move_the_old_one(src, dst):
+        if Path(src) == old:
+            raise PermissionError(13, "Permission denied")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", refuse_to_move_the_old_one)
+    with pytest.raises(PermissionError):
+        files.move_dir_into_place(new, old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]  # no hidden .out.old-* directory
+    assert (old / "old.txt").read_text() == "old"
+
+
 INTERRUPT_WRITE = """
 import os, signal, time
 import safetensors.numpy

@@ -15,6 +15,7 @@ from tinyllm import schedule
 from tinyllm.schedule import ScheduleError
 
 PLANTED = Path(__file__).parent / "plugins" / "planted_bugs.py"
+PLANTED_Q8_0 = Path(__file__).parent / "plugins" / "planted_q8_0_bugs.py"
 PLANTED_VARIANTS = ["rmsnorm=planted_no_eps", "rmsnorm=planted_wrong_axis", "attention=planted_no_causal_mask",
                     "rope=planted_adjacent_pairs", "softmax=planted_no_max_subtraction",
                     "linear=planted_drops_last_column"]
@@ -64,6 +65,22 @@ def test_generated_inputs_alone_catch_each_planted_bug(planted, monkeypatch, lab
     monkeypatch.setattr(ops.OPS[op_name], "examples", lambda: [])
     result = check_variant(op_name, name)
     assert not result.passed and result.example
+
+
+@pytest.mark.parametrize("op_name", ["qkv_rope", "swiglu_mlp", "norm_head"])
+def test_the_q8_0_flip_allowance_does_not_hide_unrounded_activations(op_name):
+    # The q8_0 composites may differ from their quantised reference by roundings that flip to the
+    # neighbouring level; a kernel that does not round at all must still fail (qkv_rope's allowance
+    # once let it pass: four times the largest quantum·|w| of any row, whatever the rounding did).
+    schedule.load_plugins([str(PLANTED_Q8_0)])
+    try:
+        result = check_variant(op_name, "planted_unrounded")
+    finally:
+        for name in ("qkv_rope", "swiglu_mlp", "norm_head"):
+            VARIANTS[name].pop("planted_unrounded")
+        for name in [m for m in sys.modules if m.startswith("tinyllm_plugin_planted_q8_0_bugs")]:
+            del sys.modules[name]
+    assert not result.passed, result.line
 
 
 def test_check_is_reproducible_and_writes_json(tmp_path):

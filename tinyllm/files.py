@@ -77,11 +77,15 @@ def move_dir_into_place(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, old / "model")
+    try:
+        os.replace(out_dir, old / "model")
+    except BaseException:  # the old one stays where it was; its empty hiding place goes
+        old.rmdir()
+        raise
     try:
         os.replace(tmp, out_dir)
     except BaseException:
-        os.replace(old / "model", out_dir)
+        os.replace(old / "model", out_dir)  # should this fail too, the old one stays in `old`, not deleted
+        old.rmdir()
         raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)

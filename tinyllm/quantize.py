@@ -309,7 +309,8 @@ def _source_dir(source, progress: bool) -> Path:
 
 def _check_out(out, source: Path, force: bool) -> Path:
     """--out as a new directory to write: refused when it is a file, a non-empty directory (unless
-    `force`), the source model or a directory holding it, or under a directory that does not exist."""
+    `force`), the source model, the working directory or a directory holding either, or under a
+    directory that does not exist."""
     if not str(out):
         raise TinyLLMError("--out is empty: give a directory to write the quantised model to")
     out = Path(out)
@@ -317,6 +318,9 @@ def _check_out(out, source: Path, force: bool) -> Path:
         raise TinyLLMError(f"--out {out} is a file; give a directory to write the quantised model to")
     if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
         raise TinyLLMError(f"--out {out} is the source model or holds it; write the quantised model to a new directory")
+    if out.resolve() == Path.cwd() or out.resolve() in Path.cwd().parents:  # `.` cannot be renamed away
+        raise TinyLLMError(f"--out {out} is the current directory or holds it; write the quantised model to a new "
+                           "directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise TinyLLMError(f"--out {out} exists and is not empty; choose a new directory, or --force to replace it "
                            "(the old one is removed only once the new one is complete)")
