@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .attention import _bias_and_rope, _normalised, _qkv_rope_inputs, prepare_qkv, qkv_rope_decode, qkv_rope_prefill
+from .attention import _bias_and_rope, _normalised, _qkv_rope_inputs, prepare_qkv, qkv_rope_fused
 from .jit import FEW_ROWS, NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange
 from .linear import _linear_inputs, _norm_head_inputs, linear, weights_times_transposed
 from .mlp import _swiglu_mlp_inputs, silu_scalar, swiglu_mlp_prefill
@@ -452,16 +452,6 @@ def swiglu_mlp_quantized(h, w):
     return out
 
 
-def qkv_rope_quantized(x, w, cos, sin, eps):
-    """qkv_rope=fused on a quantised Wqkv: norm, one stream over the rows, bias and RoPE.
-
-    Decode runs that as one pass of the format's kernel; prefill runs the norm, Wqkv @ h^T on
-    dequantised tiles in BLAS, then RoPE."""
-    if x.shape[0] == 1:
-        return qkv_rope_decode(x, w, cos, sin, eps)
-    return qkv_rope_prefill(x, w, cos, sin, eps)
-
-
 def norm_head_quantized(x, w, eps):
     """Final rmsnorm, then the LM head as linear on the quantised head."""
     h = np.empty_like(x)
@@ -628,7 +618,9 @@ _DOCS = {
 _OPS = {
     "linear": (linear_quantized, _prepare_matrix, linear_dequantized, _linear_inputs, None),
     "swiglu_mlp": (swiglu_mlp_quantized, _prepare_mlp, swiglu_mlp_dequantized, _swiglu_mlp_inputs, _mlp_slack),
-    "qkv_rope": (qkv_rope_quantized, _prepare_qkv, qkv_rope_dequantized, _qkv_rope_inputs, _qkv_slack),
+    # qkv_rope=fused itself: its decode pass hands a quantised Wqkv to the format's kernel
+    # (ops/attention.py::qkv_rope_decode), its prefill goes through weights_times_transposed
+    "qkv_rope": (qkv_rope_fused, _prepare_qkv, qkv_rope_dequantized, _qkv_rope_inputs, _qkv_slack),
     "norm_head": (norm_head_quantized, _prepare_head, norm_head_dequantized, _norm_head_inputs, _head_slack),
 }
 
@@ -638,7 +630,8 @@ def _with_doc(fn, doc):
     def run(*args):
         return fn(*args)
 
-    run.__doc__, run.__name__, run.__qualname__ = f"{fn.__doc__.splitlines()[0]} [{doc}]", fn.__name__, fn.__qualname__
+    first_paragraph = " ".join(line.strip() for line in fn.__doc__.split("\n\n")[0].splitlines())
+    run.__doc__, run.__name__, run.__qualname__ = f"{first_paragraph} [{doc}]", fn.__name__, fn.__qualname__
     return run
 
 
