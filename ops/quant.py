@@ -210,9 +210,3 @@ def concat_rows(parts: list):
     cls = type(parts[0])
     return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
-
-def split_rows(w, ends: list[int]) -> list:
-    """The inverse of concat_rows: `w` cut before each row index in `ends`."""
-    cls = type(w)
-    pieces = {f.name: np.split(getattr(w, f.name), ends) for f in fields(cls)}
-    return [cls(**{name: parts[i] for name, parts in pieces.items()}) for i in range(len(ends) + 1)]

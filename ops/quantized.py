@@ -11,9 +11,9 @@ float32, since Numba has no float16 arithmetic on CPUs) plus the kernels that re
     w.dequantize_rows(first, out)   rows of W as float32: prefill feeds BLAS tile by tile
     w.round_activations(x)       what the format does to activations (only q8_0 rounds them)
 
-Every kernel of a format is built on one function, that format's dot product of an activation row
-with weight row j (`int8_dot`, `q8_0_dot`, `q4_dot`), so compare those three to see what each
-format costs per weight:
+Every matrix-vector kernel of a format is built on one function, that format's dot product of an
+activation row with weight row j (`int8_dot`, `q8_0_dot`, `q4_dot`, and `q8_0_weight_only_dot` for
+the LM head), so compare those to see what each format costs per weight:
 
 - int8: one float multiply-add per weight, the scale applied once per row.
 - q8_0: the activations are rounded to int8 levels per block of 32 first (llama.cpp's way), then
@@ -46,7 +46,7 @@ import numpy as np
 from .attention import _bias_and_rope, _normalised, _qkv_rope_inputs, prepare_qkv, qkv_rope_fused
 from .jit import FEW_ROWS, NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange
 from .linear import _linear_inputs, _norm_head_inputs, linear, weights_times_transposed
-from .mlp import _swiglu_mlp_inputs, silu_scalar, swiglu_mlp_prefill
+from .mlp import _swiglu_mlp_inputs, silu_scalar, swiglu, swiglu_mlp_prefill
 from .norm import rmsnorm, rmsnorm_rows
 from .quant import BLOCK, FORMATS, Int8, Q4_0, Q4_1, Q8_0, as_format, concat_rows, round_activations_q8
 from .registry import OPS, Weights, close, reference_table, variant
@@ -134,7 +134,7 @@ class Int8Weight:
 
 @njit(fastmath=False)  # bit for bit ops/quant.py::q8_blocks (no reassociation, no reciprocal rewrites)
 def quantize_activation_rows(x, xq, xd):
-    """Each block of 32 of each row of x: xd = max|x| / 127, xq = round(x / xd) half away from zero:
+    """Each block of 32 of each row of x: xd = max|x| / 127, xq = round(x · (1 / xd)) half away from zero:
     an integer in [-127, 127], kept as a float32 (so the dot products need no conversion). Zeros
     where 1 / xd is infinite, as in q8_blocks."""
     for t in range(x.shape[0]):
@@ -360,18 +360,18 @@ def qkv_rope_decode_q4(x, norm, qs, d, m, bqkv, cos, sin, eps, n_q, n_kv, out):
 
 
 @njit
-def dequantize_q4_rows(qs, d, m, offset, first, out):
-    """Q4_0/Q4_1.dequantize, row by row: out = d · (q - offset) + m, with offset 8 and m = 0 for
-    q4_0 (its definition's arithmetic, so the tiles are its values) and offset 0 for q4_1; out in
-    half-blocks (rows, K/32, 2, 16), the nibbles split as in q4_dot."""
+def dequantize_q4_rows(qs, d, m, first, out):
+    """Q4_0/Q4_1.dequantize, row by row: out = d · q + m (for q4_0, m = -8·d: the same values as
+    its d · (q - 8), as an exact fused multiply-add rounds them), out in half-blocks
+    (rows, K/32, 2, 16), the nibbles split as in q4_dot."""
     for i in range(out.shape[0]):
         for b in range(out.shape[1]):
             scale, low = d[first + i, b], m[first + i, b]
             for k in range(out.shape[3]):
                 v = np.float32(qs[first + i, b, k])
                 hi = np.floor(v * np.float32(0.0625))
-                out[i, b, 0, k] = scale * (v - np.float32(16.0) * hi - offset) + low
-                out[i, b, 1, k] = scale * (hi - offset) + low
+                out[i, b, 0, k] = scale * (v - np.float32(16.0) * hi) + low
+                out[i, b, 1, k] = scale * hi + low
 
 
 @dataclass(frozen=True)
@@ -402,9 +402,7 @@ class Q4Weight:
         qkv_rope_decode_q4(x, norm, self.fmt.qs, self.d, self.m, bqkv, cos, sin, eps, n_q, n_kv, out)
 
     def dequantize_rows(self, first, out):
-        q4_0 = isinstance(self.fmt, Q4_0)
-        dequantize_q4_rows(self.fmt.qs, self.d, np.zeros_like(self.d) if q4_0 else self.m,
-                           np.float32(8 if q4_0 else 0), first, halves(out))
+        dequantize_q4_rows(self.fmt.qs, self.d, self.m, first, halves(out))
 
     ROUNDS_ACTIVATIONS = False
 
@@ -549,8 +547,6 @@ def _q8_0_values(w):
 
 
 def _mlp_slack(h, w):
-    from .mlp import swiglu
-
     x = round_activations_q8(h)  # the reference's silu·up: from rounded h and the q8_0 weights
     return _flip_allowance(swiglu(x @ _q8_0_values(w.gate).T, x @ _q8_0_values(w.up).T), w.down)
 
@@ -625,26 +621,26 @@ _OPS = {
 }
 
 
-def _with_doc(fn, doc):
-    """`fn` under a docstring naming the format (`tinyllm ops` lists a variant by its first line)."""
-    def run(*args):
-        return fn(*args)
-
+def _describe(fn, doc):
+    """A variant's description for `tinyllm ops`: the function's first paragraph, then the format."""
     first_paragraph = " ".join(line.strip() for line in fn.__doc__.split("\n\n")[0].splitlines())
-    run.__doc__, run.__name__, run.__qualname__ = f"{first_paragraph} [{doc}]", fn.__name__, fn.__qualname__
-    return run
+    return f"{first_paragraph} [{doc}]"
 
 
-for _name, _doc in _DOCS.items():
-    _blocks = _name != "int8"  # the llama.cpp formats need rows a multiple of 32 long
-    for _op, (_fn, _prepare, _reference, _inputs, _slack) in _OPS.items():
-        variant(_op, _name, prepare=_prepare(_name), weight_format=_name, reference=_reference,
-                rule=_q8_0_rule(_op, _slack) if _name == "q8_0" and _slack else None,
-                inputs=(lambda inputs=_inputs: inputs(BLOCK)) if _blocks else None,
-                examples=_block_examples(_op) if _blocks else None,
-                available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)(_with_doc(_fn, _doc))
+def _register_all():
+    for name, doc in _DOCS.items():
+        blocks = name != "int8"  # the llama.cpp formats need rows a multiple of 32 long
+        for op_name, (fn, prepare, reference, inputs, slack) in _OPS.items():
+            variant(op_name, name, prepare=prepare(name), weight_format=name, reference=reference,
+                    rule=_q8_0_rule(op_name, slack) if name == "q8_0" and slack else None,
+                    inputs=(lambda inputs=inputs: inputs(BLOCK)) if blocks else None,
+                    examples=_block_examples(op_name) if blocks else None, doc=_describe(fn, doc),
+                    available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)(fn)
+    variant("norm_head", "q8_0_weights", prepare=_prepare_head("q8_0_weights"), weight_format="q8_0",
+            reference=norm_head_dequantized, inputs=lambda: _norm_head_inputs(BLOCK),
+            examples=_block_examples("norm_head"),
+            doc=_describe(norm_head_quantized, "Q8_0 weights, float32 activations (the quantised presets' head)"),
+            available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)(norm_head_quantized)
 
-variant("norm_head", "q8_0_weights", prepare=_prepare_head("q8_0_weights"), weight_format="q8_0",
-        reference=norm_head_dequantized, inputs=lambda: _norm_head_inputs(BLOCK), examples=_block_examples("norm_head"),
-        available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)(
-    _with_doc(norm_head_quantized, "Q8_0 weights, float32 activations (the quantised presets' head)"))
+
+_register_all()

@@ -213,7 +213,7 @@ def op(name: str, *, rule: Rule, inputs=None, examples=None, weights=(), composi
 def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = True, unavailable_reason: str = "",
             prepare: Callable | None = None, weight_format: str = "fp32", rule: Rule | None = None,
             reference: Callable | None = None, inputs: Callable | None = None, examples: Callable | None = None,
-            replace_existing: bool = False):
+            doc: str | None = None, replace_existing: bool = False):
     """Register the decorated function as variant `name` of op `op_name`.
 
     It must take the same arguments as the op's reference and return the same result, up to the
@@ -223,7 +223,8 @@ def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = T
     quantised variant is compared with a quantised reference (dequantise its prepared weights, then
     the float op), bit-exact where the arithmetic is integer. `inputs`/`examples` replace the op's
     strategy and edge cases where the variant accepts fewer shapes (a 32-block format needs rows
-    whose length is a multiple of 32).
+    whose length is a multiple of 32). `doc`: its one-line description, when not the first line of
+    the function's docstring (one function registered for several formats).
     """
 
     def register(fn: Callable) -> Callable:
@@ -235,7 +236,7 @@ def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = T
             raise RegistryError(f"{op_name}={name} is registered twice (by {VARIANTS[op_name][name].source} "
                                 f"and {fn.__module__})")
         ok = available() if callable(available) else bool(available)
-        VARIANTS[op_name][name] = Variant(op_name, name, fn, _first_line(fn.__doc__), ok, unavailable_reason, prepare,
+        VARIANTS[op_name][name] = Variant(op_name, name, fn, doc or _first_line(fn.__doc__), ok, unavailable_reason, prepare,
                                           weight_format, fn.__module__, rule, reference, inputs, examples)
         return fn
 
