@@ -67,7 +67,8 @@ def _norm_head_terms(x, w, eps) -> float:
 
 
 @op("norm_head", rule=close(1e-5, "rmsnorm then a dot product of length D, as linear", _norm_head_terms, "Σ|h·w|"),
-    inputs=_norm_head_inputs, composite=("rmsnorm", "linear"), weights=(1,), projections=("weight",))
+    inputs=_norm_head_inputs, composite=("rmsnorm", "linear"), weights=(1,), projections=("weight",),
+    own_format=True)  # the LM head's precision is chosen on its own (the quantised presets keep it Q8_0)
 def norm_head(ops, x, w, eps):
     """Logits from the last hidden states: linear(rmsnorm(x, w.norm), w.weight)   (T, D) -> (T, V)"""
     return ops.linear(ops.rmsnorm(x, w.norm, eps), w.weight)

@@ -157,6 +157,7 @@ class Op:
     composite: tuple[str, ...] = ()  # for a composite op: the primitive ops it is made of
     projections: tuple[str, ...] = ()  # for a composite: the Weights fields that are `linear` weights
     inside: str = ""  # a building block the model does not call itself: the op whose reference uses it
+    own_format: bool = False  # a composite whose weight format is chosen on its own, not tied to `linear`'s
 
     @property
     def is_composite(self) -> bool:
@@ -192,14 +193,15 @@ OPS: dict[str, Op] = {}
 VARIANTS: dict[str, dict[str, Variant]] = {}
 
 
-def op(name: str, *, rule: Rule, inputs=None, examples=None, weights=(), composite=(), projections=(), inside=""):
+def op(name: str, *, rule: Rule, inputs=None, examples=None, weights=(), composite=(), projections=(), inside="",
+       own_format: bool = False):
     """Declare the decorated function as the reference of op `name` (see the module docstring)."""
 
     def register(fn: Callable) -> Callable:
         if name in OPS:
             raise RegistryError(f"op {name!r} is declared twice")
         OPS[name] = Op(name, fn, _first_line(fn.__doc__), rule, inputs, examples or (lambda: []), tuple(weights),
-                       tuple(composite), tuple(projections), inside)
+                       tuple(composite), tuple(projections), inside, own_format)
         if composite:
             VARIANTS[name] = {COMPOSED: Variant(name, COMPOSED, None, "the composition of the scheduled ops: "
                                                 + " → ".join(composite), weight_format="any", source=fn.__module__)}

@@ -52,12 +52,11 @@ def peak_rss_mib() -> float:
 
 
 def bench_prompt(tokenizer_encode, n_tokens: int) -> list[int]:
-    """A fixed English prompt: the standard library's pydoc topics text (ships with every Python),
-    tokenized and cut to `n_tokens`."""
-    from pydoc_data.topics import topics
+    """A fixed English prompt: the first `n_tokens` tokens of eval's text, the standard library's
+    pydoc topics (ships with every Python)."""
+    from .eval import first_tokens, pydoc_text
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tokenizer_encode(text[: n_tokens * 12])
+    ids = first_tokens(tokenizer_encode, pydoc_text().text, n_tokens)
     if len(ids) < n_tokens:
         raise TinyLLMError(f"the benchmark text gives only {len(ids)} tokens")
     return ids[:n_tokens]

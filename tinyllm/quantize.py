@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ops.quant import BLOCK, FORMATS
+from ops.quant import BLOCK, FORMATS, as_format
 
 from .errors import ModelError, TinyLLMError
 
@@ -279,12 +279,11 @@ def _stored_tensors(cfg, weights: dict, formats: dict, spec: str, source: Path, 
         if fmt is None:
             tensors[name] = np.ascontiguousarray(stored, dtype=np.float32)
             continue
-        if isinstance(stored, np.ndarray):
-            try:
-                stored = FORMATS[fmt].quantize(stored)
-            except ValueError:  # a 32-block format on rows of another length
-                raise TinyLLMError(f"--ops {spec}: {fmt} stores rows in blocks of {BLOCK}, and {name} has rows of "
-                                   f"{stored.shape[1]} values") from None
+        try:
+            stored = as_format(stored, FORMATS[fmt])
+        except ValueError:  # a 32-block format on rows of another length
+            raise TinyLLMError(f"--ops {spec}: {fmt} stores rows in blocks of {BLOCK}, and {name} has rows of "
+                               f"{stored.shape[1]} values") from None
         tensors.update(parts(name, stored))
         record[name] = fmt
     if requantised:

@@ -152,13 +152,11 @@ def _validate(choice: dict[str, str]) -> None:
                                 f"available for {op_name}: {', '.join(usable)}")
     # A fused composite reads its projections in one weight format; `linear` decides the format of all
     # other projections. A mix would silently run part of the model in another precision: refuse it.
-    # The LM head is exempt: its precision is chosen on its own (the quantised presets keep it as Q8_0 weights).
+    # An op declared with own_format (the LM head: the quantised presets keep it as Q8_0 weights) is exempt.
     linear = get_variant("linear", choice["linear"])
     for op_name, var_name in choice.items():
         v, o = get_variant(op_name, var_name), OPS[op_name]
-        if op_name == "norm_head":
-            continue
-        if o.projections and v.name != COMPOSED and v.weight_format != linear.weight_format:
+        if o.projections and not o.own_format and v.name != COMPOSED and v.weight_format != linear.weight_format:
             same = [n for n, x in ops_pkg.VARIANTS[op_name].items() if x.weight_format in (linear.weight_format, "any")]
             raise ScheduleError(
                 f"{v.label} reads {v.weight_format} weights but {linear.label} stores {linear.weight_format}: "
