@@ -122,14 +122,19 @@ class Int8:
         return self.q.astype(np.float32) * self.scale[:, None]
 
 
-@dataclass(frozen=True)
-class Q8_0:
-    d: np.ndarray  # (N, K/32) float16
-    qs: np.ndarray  # (N, K/32, 32) int8
+class _BlockFormat:
+    """What the llama.cpp formats share: a scale `d` per block of 32 along each row."""
 
     @property
     def shape(self) -> tuple[int, int]:
+        """The shape of the float32 matrix it stands for."""
         return self.d.shape[0], self.d.shape[1] * BLOCK
+
+
+@dataclass(frozen=True)
+class Q8_0(_BlockFormat):
+    d: np.ndarray  # (N, K/32) float16
+    qs: np.ndarray  # (N, K/32, 32) int8
 
     @classmethod
     def quantize(cls, w: np.ndarray) -> "Q8_0":
@@ -144,13 +149,9 @@ class Q8_0:
 
 
 @dataclass(frozen=True)
-class Q4_0:
+class Q4_0(_BlockFormat):
     d: np.ndarray  # (N, K/32) float16
     qs: np.ndarray  # (N, K/32, 16) uint8, two 4-bit values a byte
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.d.shape[0], self.d.shape[1] * BLOCK
 
     @classmethod
     def quantize(cls, w: np.ndarray) -> "Q4_0":
@@ -170,14 +171,10 @@ class Q4_0:
 
 
 @dataclass(frozen=True)
-class Q4_1:
+class Q4_1(_BlockFormat):
     d: np.ndarray  # (N, K/32) float16
     m: np.ndarray  # (N, K/32) float16: each block's minimum
     qs: np.ndarray  # (N, K/32, 16) uint8, two 4-bit values a byte
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.d.shape[0], self.d.shape[1] * BLOCK
 
     @classmethod
     def quantize(cls, w: np.ndarray) -> "Q4_1":

@@ -118,26 +118,26 @@ def _loaded_values(model, unquantized: bool = False) -> list:
             for v in _values_in(raw.get((id(owner), name), getattr(owner, name)))]
 
 
-def _values_in(value) -> list:
-    """The weights a weight argument holds: float arrays and quantised matrices (format objects)."""
-    if isinstance(value, np.ndarray) or format_name(value) is not None:
+def _leaves(value, keep) -> list:
+    """What a weight argument holds that `keep` accepts, looking inside bundles (Weights, tuples, a
+    quantised matrix's fields) until it does."""
+    if keep(value):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [a for v in value for a in _values_in(v)]
+        return [a for v in value for a in _leaves(v, keep)]
     if hasattr(value, "__dict__"):
-        return [a for v in vars(value).values() for a in _values_in(v)]
+        return [a for v in vars(value).values() for a in _leaves(v, keep)]
     return []
+
+
+def _values_in(value) -> list:
+    """The weights a weight argument holds: float arrays and quantised matrices (format objects)."""
+    return _leaves(value, lambda v: isinstance(v, np.ndarray) or format_name(v) is not None)
 
 
 def _arrays_in(value) -> list[np.ndarray]:
     """The NumPy arrays a weight argument holds: an array, or the fields of a bundle (Weights, tuple...)."""
-    if isinstance(value, np.ndarray):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [a for v in value for a in _arrays_in(v)]
-    if hasattr(value, "__dict__"):
-        return [a for v in vars(value).values() for a in _arrays_in(v)]
-    return []
+    return _leaves(value, lambda v: isinstance(v, np.ndarray))
 
 
 def _unique(arrays) -> list[np.ndarray]:
