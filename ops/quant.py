@@ -121,6 +121,17 @@ class Int8:
     def dequantize(self) -> np.ndarray:
         return self.q.astype(np.float32) * self.scale[:, None]
 
+    LEVELS = (-127, 127)  # the integer codes' range (see grid)
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """(step, offset), each (N, K) float32: element (i, j) can take the values step·code + offset for
+        the integer codes in LEVELS. Here step is the row's scale and offset 0."""
+        return np.broadcast_to(self.scale[:, None], self.q.shape), np.zeros(self.q.shape, np.float32)
+
+    def with_codes(self, codes: np.ndarray) -> "Int8":
+        """The same scales holding other codes (N, K) in LEVELS (what ops/gptq.py chose)."""
+        return Int8(codes.astype(np.int8), self.scale)
+
 
 class _BlockFormat:
     """What the llama.cpp formats share: a scale `d` per block of 32 along each row."""
@@ -129,6 +140,10 @@ class _BlockFormat:
     def shape(self) -> tuple[int, int]:
         """The shape of the float32 matrix it stands for."""
         return self.d.shape[0], self.d.shape[1] * BLOCK
+
+    def _per_element(self, per_block: np.ndarray) -> np.ndarray:
+        """(N, K/32) -> (N, K) float32: each block's value repeated over its 32 elements."""
+        return np.repeat(per_block.astype(np.float32), BLOCK, axis=1)
 
 
 @dataclass(frozen=True)
@@ -146,6 +161,15 @@ class Q8_0(_BlockFormat):
     def dequantize(self) -> np.ndarray:
         x = self.qs.astype(np.float32) * self.d.astype(np.float32)[..., None]
         return x.reshape(x.shape[0], -1)
+
+    LEVELS = (-127, 127)
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """As Int8.grid: step d, offset 0."""
+        return self._per_element(self.d), np.zeros(self.shape, np.float32)
+
+    def with_codes(self, codes: np.ndarray) -> "Q8_0":
+        return Q8_0(self.d, codes.astype(np.int8).reshape(self.qs.shape))
 
 
 @dataclass(frozen=True)
@@ -169,6 +193,16 @@ class Q4_0(_BlockFormat):
         x = self.d.astype(np.float32)[..., None] * q
         return x.reshape(x.shape[0], -1)
 
+    LEVELS = (0, 15)
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """As Int8.grid: step d, offset -8d (the stored nibble q stands for d·(q - 8))."""
+        step = self._per_element(self.d)
+        return step, np.float32(-8) * step
+
+    def with_codes(self, codes: np.ndarray) -> "Q4_0":
+        return Q4_0(self.d, _pack_nibbles(codes.reshape(*self.d.shape, BLOCK)))
+
 
 @dataclass(frozen=True)
 class Q4_1(_BlockFormat):
@@ -191,8 +225,18 @@ class Q4_1(_BlockFormat):
         x = self.d.astype(np.float32)[..., None] * q + self.m.astype(np.float32)[..., None]
         return x.reshape(x.shape[0], -1)
 
+    LEVELS = (0, 15)
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """As Int8.grid: step d, offset the block's minimum m."""
+        return self._per_element(self.d), self._per_element(self.m)
+
+    def with_codes(self, codes: np.ndarray) -> "Q4_1":
+        return Q4_1(self.d, self.m, _pack_nibbles(codes.reshape(*self.d.shape, BLOCK)))
+
 
 FORMATS = {"int8": Int8, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+ACTIVATIONS_ROUNDED = ("q8_0",)  # formats whose kernels round their activations too (per block of 32)
 
 
 def as_format(w, fmt):

@@ -51,7 +51,7 @@ def quantized_dirs(block_model_dir, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for preset in PRESETS:
         out[preset] = tmp_path_factory.mktemp("quantized") / preset
-        r = run_cli("quantize", "--ops", preset, "--out", out[preset], "--model", block_model_dir)
+        r = run_cli("quantize", "--ops", preset, "--out", out[preset], "--model", block_model_dir, "--rounding", "nearest")
         assert r.returncode == 0 and r.stderr == "", r.stderr
         assert r.stdout.startswith(f"wrote {out[preset]}: ") and "MiB on disk" in r.stdout
     return out
@@ -98,7 +98,7 @@ def test_stored_tensors_are_the_formats_fields(block_model_dir, quantized_dirs, 
         record = json.loads(f.metadata()[RECORD_KEY])
     expected = {name: stored_format(preset, name) for name in source if stored_format(preset, name)}
     expected["lm_head.weight"] = stored_format(preset, "lm_head.weight")  # tied: a copy of the embedding
-    assert record == {"version": 1, "ops": preset, "tensors": expected}
+    assert record == {"version": 1, "ops": preset, "tensors": expected, "rounding": "nearest"}
     dtypes = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8}
     for name, fmt in expected.items():
         w = source["model.embed_tokens.weight" if name == "lm_head.weight" else name]
@@ -163,10 +163,10 @@ def test_quantising_a_quantised_model(quantized_dirs, tmp_path, monkeypatch):
     format: from the dequantised values, with a warning (the tied head from the float32 embedding)."""
     with monkeypatch.context() as patch:
         no_quantize(patch)
-        quantize(quantized_dirs["q4_1"], "q4_1", tmp_path / "again", progress=False)
+        quantize(quantized_dirs["q4_1"], "q4_1", tmp_path / "again", progress=False, rounding="nearest")
     assert snapshot(tmp_path / "again") == snapshot(quantized_dirs["q4_1"])
     with pytest.warns(UserWarning, match="holds 14 matrices quantised in another format"):
-        quantize(quantized_dirs["q4_1"], "int8,norm_head=int8", tmp_path / "int8", progress=False)
+        quantize(quantized_dirs["q4_1"], "int8,norm_head=int8", tmp_path / "int8", progress=False, rounding="nearest")
     stored, source = load_weights(tmp_path / "int8"), load_weights(quantized_dirs["q4_1"])
     np.testing.assert_array_equal(stored[WO].q, FORMATS["int8"].quantize(source[WO].dequantize()).q)
     np.testing.assert_array_equal(stored["lm_head.weight"].q,
@@ -179,7 +179,7 @@ def test_an_untied_head_is_stored_as_itself(tmp_path, monkeypatch):
     vocab = write_byte_tokenizer(source)
     build_tiny_llama(source, n_layers=1, hidden=32, n_heads=2, n_kv_heads=1, head_dim=16, ffn=64, vocab=vocab,
                      max_pos=32, tied=False)
-    quantize(source, "q4_0", tmp_path / "q4_0", progress=False)
+    quantize(source, "q4_0", tmp_path / "q4_0", progress=False, rounding="nearest")
     head = load_weights(source)["lm_head.weight"]
     stored = load_weights(tmp_path / "q4_0")["lm_head.weight"]
     np.testing.assert_array_equal(stored.qs, FORMATS["q8_0"].quantize(head).qs)  # the quantised presets' head: q8_0
@@ -261,7 +261,7 @@ def test_force_replaces_a_directory_only_when_the_new_one_is_complete(block_mode
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    r = run_cli("quantize", "--ops", "q8_0", "--out", out, "--model", block_model_dir, "--force")
+    r = run_cli("quantize", "--ops", "q8_0", "--out", out, "--model", block_model_dir, "--force", "--rounding", "nearest")
     assert r.returncode == 0, r.stderr
     assert not (out / "old.txt").exists()
     assert snapshot(out) == snapshot(quantized_dirs["q8_0"])  # the same bytes, every time

@@ -92,6 +92,7 @@ def machine_info(threads: int | None) -> dict:
 def worker(model_path: str | None, spec: str, prompt_tokens: int, new_tokens: int, plugins: list[str]) -> None:
     """Load the model with schedule `spec`, warm up, then answer the parent's commands."""
     import tinyllm  # already imported by `python -m tinyllm.bench`, with NumPy and Numba
+    from tinyllm.loading import release_free_heap
     from tinyllm.schedule import load_plugins
 
     load_plugins(plugins)
@@ -101,6 +102,12 @@ def worker(model_path: str | None, spec: str, prompt_tokens: int, new_tokens: in
     t0 = time.perf_counter()
     model = tinyllm.load(model_path, ops=spec, progress=False)
     load_s = time.perf_counter() - t0
+    # Weights as loaded and prepared (loading reads every tensor, so memory-mapped ones are resident):
+    # measured before the warm-up, whose KV cache and embedding rows are not the schedule's weights.
+    # Preparing freed temporaries (float32 rows being quantised) that glibc keeps mapped for reuse:
+    # allocator slack, not weights, so it goes back first.
+    release_free_heap()
+    weights_rss = rss_mib() - rss_code
     model.stop_ids = set()  # EOS ignored: every round decodes exactly `new_tokens`
     prompt = bench_prompt(model.tokenizer.encode, prompt_tokens)
 
@@ -113,7 +120,7 @@ def worker(model_path: str | None, spec: str, prompt_tokens: int, new_tokens: in
     # Warm-up: JIT compilation (or loading it from the cache) and first touches of the weights.
     for _ in model.generate_ids(prompt, max_new_tokens=8):
         pass
-    _send({"ready": True, "load_s": load_s, "weights_rss_mib": rss_mib() - rss_code,
+    _send({"ready": True, "load_s": load_s, "weights_rss_mib": weights_rss,
            "kernels_rss_mib": rss_code - rss_imports})
     for line in sys.stdin:
         cmd = json.loads(line)["cmd"]
@@ -251,14 +258,15 @@ class Engine:
                 self.proc.kill()
 
 
-def tinyllm_engine(spec: str, model: str | None, prompt_tokens: int, new_tokens: int, plugins: list[str]) -> Engine:
+def tinyllm_engine(spec: str, model: str | None, prompt_tokens: int, new_tokens: int, plugins: list[str],
+                   name: str | None = None) -> Engine:
     argv = [sys.executable, "-m", "tinyllm.bench", "--spec", spec, "--prompt-tokens", str(prompt_tokens),
             "--new-tokens", str(new_tokens)]
     if model:
         argv += ["--model", model]
     for p in plugins:
         argv += ["--plugin", p]
-    return Engine(spec, argv)
+    return Engine(name or spec, argv)
 
 
 def run(engines: list[Engine], *, rounds: int, threads: int | None, profile: bool, log=print) -> list[Engine]:

@@ -119,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         "schedule reads it quantised) is stored in the format the schedule SPEC reads it in: int8, q8_0, q4_0 or "
         "q4_1 values and their scales, as safetensors tensors NAME.q/.scale, NAME.qs/.d/.m. Every other tensor "
         "stays float32; config and tokenizer files are copied. `--model DIR` then loads it without quantising "
-        "anything, and runs SPEC unless given --ops.")
+        "anything, and runs SPEC unless given --ops. By default the integer codes are chosen by GPTQ: the float32 "
+        "model first reads a calibration text (the standard library's docstrings, not eval's text) to learn what "
+        "each projection's inputs look like, and each matrix is rounded so that its outputs on such inputs stay "
+        "close (same format and scales as rounding to nearest, fewer errors), and for q8_0, which rounds the "
+        "activations too, their outlier features are first moved into the weights (smoothing). About 40 seconds "
+        "for the default model.")
     qz.add_argument("--ops", metavar="SPEC", required=True,
                     help="the schedule to store the weights for: a quantised preset (int8, q8_0, q4_0, q4_1) or a "
                     "spec whose linear or composite variants read a quantised format")
@@ -128,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the model to quantise (default: the default model, pulled if missing)")
     qz.add_argument("--force", action="store_true",
                     help="replace a non-empty --out (removed only once the new model is complete)")
+    qz.add_argument("--rounding", choices=["gptq", "nearest"], default="gptq",
+                    help="how each weight's integer code is chosen: gptq (default) keeps each projection's outputs "
+                    "close on the calibration text; nearest rounds every weight on its own, as the presets do when "
+                    "they quantise at load (and as llama.cpp's quantiser does: bit for bit the same; no calibration "
+                    "unless --smooth is given)")
+    qz.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                    help="for formats that round activations too (q8_0): move the activations' outliers into the "
+                    "weights, scaling input feature j by 1/s_j and weight column j by s_j, s_j = max|x_j|^ALPHA / "
+                    "max|W_j|^(1-ALPHA), folded into the norms and up_proj (SmoothQuant; default 0.5 with --rounding gptq, "
+                    "0 (off) with nearest)")
+    qz.add_argument("--calibration-text", metavar="FILE",
+                    help="calibrate GPTQ on this UTF-8 text file (default: the standard library's docstrings)")
+    qz.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
+                    help="calibrate on the first N tokens of the text (default 4096)")
     qz.set_defaults(run=cmd_quantize)
 
     o = sub.add_parser(
@@ -171,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ops", action="append", metavar="SPEC",
                    help="a schedule to measure, e.g. fused or fused,attention=reference (repeatable; default: every "
                    "preset; `tinyllm ops` lists the names)")
+    b.add_argument("--quantized", action="append", metavar="DIR",
+                   help="also measure a model directory written by `tinyllm quantize` from --model, with the schedule "
+                   "it was written for (repeatable)")
     b.add_argument("--rounds", type=int, default=3, metavar="N", help="timed runs per schedule (default 3)")
     b.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default 128)")
     b.add_argument("--new-tokens", type=int, default=128, metavar="N", help="tokens to decode (default 128)")
@@ -213,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bench-json", metavar="FILE",
                    help="take each schedule's decode tokens/s from FILE, written by an earlier `tinyllm bench "
                    "--json` run with the same --ops and reference (steadier than --plot's one short round)")
+    e.add_argument("--quantized", action="append", metavar="DIR",
+                   help="also score a model directory written by `tinyllm quantize` from --model, with the schedule "
+                   "it was written for, against --model's float32 reference (repeatable); e.g. to see what GPTQ "
+                   "rounding buys over the preset's rounding to nearest at load")
     e.set_defaults(run=cmd_eval, sets_threads=True)
     return parser
 
@@ -364,7 +390,11 @@ def cmd_pull(args) -> int:
 def cmd_quantize(args) -> int:
     from .quantize import quantize
 
-    print(quantize(args.model, args.ops, args.out, force=args.force))
+    from .eval import read_text
+
+    text = read_text(args.calibration_text) if args.calibration_text else None
+    print(quantize(args.model, args.ops, args.out, force=args.force, rounding=args.rounding, smooth=args.smooth,
+                   calibration_text=text, calibration_tokens=args.calibration_tokens))
     return 0
 
 
@@ -454,7 +484,7 @@ def cmd_bench(args) -> int:
                                ("--threads", 1 if args.threads is None else args.threads, 1)]:
         if value < least:
             raise TinyLLMError(f"{name} must be at least {least}, got {value}")
-    specs = args.ops or list(PRESETS)
+    specs = args.ops or ([] if args.quantized else list(PRESETS))
     for spec in specs:
         parse(spec)  # a bad spec fails here, in one line, before any child starts
     bench.check_outputs(args.json, args.plot)  # so do unwritable --json/--plot paths: not after minutes
@@ -467,6 +497,10 @@ def cmd_bench(args) -> int:
 
     plugins = plugins_from_env() + (args.plugin or [])  # each child loads them again
     engines = [bench.tinyllm_engine(s, model, args.prompt_tokens, args.new_tokens, plugins) for s in specs]
+    for directory in args.quantized or []:
+        spec = _quantized_spec(directory, model or default_model_dir())
+        engines.append(bench.tinyllm_engine(spec, directory, args.prompt_tokens, args.new_tokens, plugins,
+                                            name=f"{spec} @ {directory}"))
     bench.run(engines, rounds=args.rounds, threads=args.threads, profile=args.profile,
               log=lambda m: print(m, file=sys.stderr))
     bench.report(engines, threads=args.threads, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
@@ -475,6 +509,33 @@ def cmd_bench(args) -> int:
 
 
 DEFAULT_EVAL_TOKENS, DEFAULT_EVAL_WINDOW = 4096, 512
+
+
+def _quantized_spec(directory, model) -> str:
+    """--quantized DIR (eval, bench): the schedule the `tinyllm quantize` directory DIR was written for,
+    after checking that it was quantised from the model directory `model` (quantize copies config.json
+    and the tokenizer as they are)."""
+    from pathlib import Path
+
+    from .errors import ModelError
+    from .loading import read_quantization
+
+    path, model = Path(directory), Path(model)
+    if not (path / "config.json").is_file():
+        raise TinyLLMError(f"--quantized {directory}: not a model directory (no config.json)")
+    try:
+        record = read_quantization(path)
+    except ModelError as e:
+        raise TinyLLMError(f"--quantized {directory}: {e}") from None
+    if record is None:
+        raise TinyLLMError(f"--quantized {directory}: not written by `tinyllm quantize` (its model.safetensors "
+                           "has no quantisation record); compare schedules of one model with --ops instead")
+    for name in ("config.json", "tokenizer.json"):
+        ours, theirs = path / name, model / name
+        if ours.is_file() and theirs.is_file() and ours.read_bytes() != theirs.read_bytes():
+            raise TinyLLMError(f"--quantized {directory}: its {name} differs from {model}'s, so it was not "
+                               "quantised from that model; give the model it came from as --model")
+    return record.spec
 
 
 def cmd_eval(args) -> int:
@@ -495,23 +556,28 @@ def cmd_eval(args) -> int:
 
     reference = load(args.model, ops="reference")
     ids, window = evaluation.tokens_to_score(reference, text, args.tokens, args.window)
-    models = []
+    models, rows = [], [(spec, spec, str(reference.path)) for spec in specs]  # (label, spec, model directory)
     for spec in specs[1:]:  # all loaded before anything is scored or timed: a schedule that fails, fails now
         log(f"loading {spec} ...")
         models.append(load(reference.path, ops=spec))
-    scores = evaluation.evaluate(reference, models, ids, window)
+    for directory in args.quantized or []:
+        spec = _quantized_spec(directory, reference.path)
+        log(f"loading {directory} ...")
+        models.append(load(directory))
+        rows.append((f"{spec} @ {directory}", spec, directory))
+    scores = evaluation.evaluate(reference, models, ids, window, labels=[label for label, _, _ in rows])
     if args.plot is not None and speeds is None:
         import gc
 
         from .schedule import plugins_from_env
 
-        path, context = str(reference.path), reference.config.max_seq_len
+        context = reference.config.max_seq_len
         del reference, models
         gc.collect()  # this process's weights leave memory before the children are timed
-        speeds = evaluation.measured_speeds(specs, path, context, args.threads,
-                                            plugins_from_env() + (args.plugin or []), log)
+        speeds = evaluation.measured_speeds(rows, context, args.threads, plugins_from_env() + (args.plugin or []),
+                                            log)
     for score in scores:
-        score.decode_tok_s = speeds[score.ops] if speeds else None
+        score.decode_tok_s = speeds.get(score.ops) if speeds else None
     evaluation.report(scores, text, ids, window, json_path=args.json, plot_path=args.plot)
     return 0
 

@@ -160,14 +160,17 @@ class Score:
         return {"ops": self.ops, "ppl": self.ppl, "kl_mean": self.kl_mean, "top1": self.top1, **speed}
 
 
-def evaluate(reference, models: list, ids: list[int], window: int, progress: bool = True) -> list[Score]:
+def evaluate(reference, models: list, ids: list[int], window: int, progress: bool = True,
+             labels: list[str] | None = None) -> list[Score]:
     """Score `reference` (a tinyllm Model on the float32 `reference` schedule) and each of `models`
     on the windows of `ids`, every one against reference's distributions. Returns one Score per
-    model, reference's first (its KL is computed too: 0, and top-1 1.0, by construction)."""
+    model, reference's first (its KL is computed too: 0, and top-1 1.0, by construction), named by
+    `labels` (default: each model's schedule spec)."""
     from tqdm import tqdm
 
     chunks = windows(ids, window)
-    scores = [Score(m.schedule.spec) for m in [reference, *models]]
+    labels = labels or [m.schedule.spec for m in [reference, *models]]
+    scores = [Score(label) for label in labels]
     # disable=None: tqdm draws only when stderr is a terminal (no bar characters in logs)
     with tqdm(total=len(chunks) * len(scores), desc="eval", unit="window", disable=None if progress else True) as bar:
         for chunk in chunks:
@@ -184,16 +187,17 @@ def evaluate(reference, models: list, ids: list[int], window: int, progress: boo
 # ---------------------------------------------------------------------------------- decode speeds
 
 
-def measured_speeds(specs: list[str], model: str | None, context: int, threads: int | None, plugins: list[str],
+def measured_speeds(rows: list[tuple[str, str, str]], context: int, threads: int | None, plugins: list[str],
                     log) -> dict[str, float]:
-    """Decode tokens/s of each schedule, each in a child process of `tinyllm bench` (one round, a short
-    prompt and SPEED_NEW_TOKENS new tokens; fewer for a model with a short context)."""
+    """Decode tokens/s of each (label, schedule spec, model directory) row, each in a child process of
+    `tinyllm bench` (one round, a short prompt and SPEED_NEW_TOKENS new tokens; fewer for a model with
+    a short context). Returns label -> tokens/s."""
     from . import bench
 
     prompt, new = min(SPEED_PROMPT_TOKENS, context // 4), min(SPEED_NEW_TOKENS, context // 4)
-    engines = [bench.tinyllm_engine(spec, model, prompt, new, plugins) for spec in specs]
+    engines = [bench.tinyllm_engine(spec, model, prompt, new, plugins) for _, spec, model in rows]
     bench.run(engines, rounds=1, threads=threads, profile=False, log=log)
-    return {e.name: e.median("decode_tok_s") for e in engines}
+    return {label: e.median("decode_tok_s") for (label, _, _), e in zip(rows, engines)}
 
 
 def speeds_from_bench_json(path, specs: list[str]) -> dict[str, float]:
@@ -264,6 +268,7 @@ def plot(scores: list[Score], path) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 5.5))
     markers = "osD^vP*Xph"  # exact schedules share a point: their markers tell them apart
+    scores = [s for s in scores if s.decode_tok_s is not None]  # --bench-json has no speed for --quantized rows
     for i, s in enumerate(scores):
         ax.scatter([s.kl_mean], [s.decode_tok_s], s=70, marker=markers[i % len(markers)], alpha=0.8, zorder=3,
                    color=plt.get_cmap("tab10")(i % 10),

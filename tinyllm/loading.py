@@ -152,7 +152,9 @@ def read_quantization(model_dir: Path) -> Record | None:
     if len({r.spec for r in records}) > 1:
         raise ModelError(f"{model_dir}: its weight files were quantised for different schedules "
                          f"({', '.join(sorted({r.spec for r in records}))})")
-    return Record(records[0].spec, {name: fmt for r in records for name, fmt in r.tensors.items()})
+    first = records[0]  # every shard is written by one `quantize` run, with one rounding
+    return Record(first.spec, {name: fmt for r in records for name, fmt in r.tensors.items()}, first.rounding,
+                  first.calibration, first.smoothing)
 
 
 def _finite_weight(value) -> bool:

@@ -34,12 +34,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ops.quant import BLOCK, FORMATS, as_format
+from ops.gptq import gptq_quantize
+from ops.quant import ACTIVATIONS_ROUNDED, BLOCK, FORMATS, as_format
 
+from . import calibration, smoothing
 from .errors import ModelError, TinyLLMError
 
 RECORD_KEY = "tinyllm.quantization"  # the safetensors metadata key of the record
 RECORD_VERSION = 1
+# How `quantize` chooses each matrix's integer codes (the format's scales are the same either way):
+ROUNDINGS = {
+    "gptq": "GPTQ (ops/gptq.py): codes that keep each projection's outputs close on a calibration text",
+    "nearest": "each weight to its nearest code, the format's own quantise (as llama.cpp does)",
+}
 
 
 def _per_block(n, k):
@@ -99,6 +106,9 @@ class Record:
 
     spec: str
     tensors: dict
+    rounding: str = "nearest"  # how the codes were chosen: "nearest" or "gptq" (see ROUNDINGS)
+    calibration: dict | None = None  # {"source", "sha256", "tokens"} of the calibration text, if one was read
+    smoothing: dict | None = None  # {"alpha", "sites"} when the activations were smoothed (tinyllm/smoothing.py)
 
     def parts(self) -> dict[str, str]:
         """Each stored part NAME.FIELD -> the safetensors dtype it must have."""
@@ -107,7 +117,12 @@ class Record:
 
     def metadata(self) -> dict[str, str]:
         """The safetensors metadata that carries it (metadata values are strings: this one is JSON)."""
-        return {RECORD_KEY: json.dumps({"version": RECORD_VERSION, "ops": self.spec, "tensors": self.tensors})}
+        record = {"version": RECORD_VERSION, "ops": self.spec, "tensors": self.tensors, "rounding": self.rounding}
+        if self.calibration is not None:
+            record["calibration"] = self.calibration
+        if self.smoothing is not None:
+            record["smoothing"] = self.smoothing
+        return {RECORD_KEY: json.dumps(record)}
 
     def describe(self) -> list[str]:
         """Lines for `tinyllm ops --model` and `tinyllm info`: which matrices are in which format."""
@@ -119,6 +134,14 @@ class Record:
             kinds = ", ".join(dict.fromkeys(matrix_kind(n) for n in names))
             lines.append(f"  {fmt:<8} {kinds} ({len(names)} {'matrix' if len(names) == 1 else 'matrices'})")
         lines.append(f"  {'float32':<8} every other tensor (embedding, norms, biases)")
+        c = self.calibration or {}
+        calibrated = f"{c.get('tokens')} tokens of {c.get('source')} (sha256 {str(c.get('sha256'))[:12]}...)"
+        lines.append(f"  codes chosen by GPTQ, calibrated on {calibrated}" if self.rounding == "gptq"
+                     else "  codes rounded to nearest")
+        if self.smoothing:
+            lines.append(f"  smoothed (alpha {self.smoothing.get('alpha')}) at the "
+                         f"{', '.join(map(str, self.smoothing.get('sites', [])))} of every layer"
+                         + ("" if self.rounding == "gptq" else f", calibrated on {calibrated}"))
         return lines
 
 
@@ -141,7 +164,13 @@ def record_from_metadata(metadata, path) -> Record | None:
         if not (isinstance(fmt, str) and fmt in LAYOUT):
             raise ModelError(f"{path}: {RECORD_KEY} says tensor {name!r} is in format {fmt!r}; tinyllm stores "
                              f"{', '.join(LAYOUT)}")
-    return Record(r["ops"], dict(r["tensors"]))
+    rounding = r.get("rounding", "nearest")  # files written before GPTQ rounding existed have no key
+    if rounding not in ROUNDINGS:
+        raise ModelError(f"{path}: {RECORD_KEY} says its codes were rounded by {rounding!r}; this tinyllm knows "
+                         f"{', '.join(ROUNDINGS)}")
+    calibration, smoothed = r.get("calibration"), r.get("smoothing")
+    return Record(r["ops"], dict(r["tensors"]), rounding, calibration if isinstance(calibration, dict) else None,
+                  smoothed if isinstance(smoothed, dict) else None)
 
 
 def assemble(tensors: dict, record: Record, path) -> dict:
@@ -194,9 +223,17 @@ def projection_formats(schedule) -> dict[str, str | None]:
     return out
 
 
-def quantize(source, spec, out, *, force: bool = False, progress: bool = True) -> str:
+def quantize(source, spec, out, *, force: bool = False, progress: bool = True, rounding: str = "gptq",
+             smooth: float | None = None, calibration_text=None, calibration_tokens: int | None = None) -> str:
     """Write the model directory `source` (None: the default model, pulled if missing) to the new
     directory `out`, each projection stored in the format schedule `spec` reads it in; returns a summary.
+
+    `rounding` (see ROUNDINGS): "gptq" records each projection's inputs while the float32 model reads
+    `calibration_tokens` tokens of `calibration_text` (a tinyllm.eval.Text; default: the standard
+    library's docstrings, tinyllm/calibration.py), then rounds with GPTQ; "nearest" needs no text.
+    `smooth`: the strength α of smoothing (tinyllm/smoothing.py; 0: off; None: its default with GPTQ,
+    off with "nearest", which then stores what the schedule computes when it quantises at load),
+    applied to the inputs of projections in a format that rounds its activations (q8_0).
 
     Everything is checked and quantised before anything is written; the files are written into a
     temporary directory beside `out` that is renamed to `out` only when complete. An existing non-empty
@@ -213,20 +250,48 @@ def quantize(source, spec, out, *, force: bool = False, progress: bool = True) -
         quantised = [p for p in PRESETS if any(projection_formats(parse(p)).values())]
         raise TinyLLMError(f"--ops {schedule.spec} reads every projection as float32: there is nothing to quantise "
                            f"(quantised presets: {', '.join(quantised)})")
+    if rounding not in ROUNDINGS:
+        raise TinyLLMError(f"--rounding {rounding!r}: choose one of {', '.join(ROUNDINGS)}")
+    alpha = (smoothing.DEFAULT_ALPHA if rounding == "gptq" else 0.0) if smooth is None else smooth
+    if not 0 <= alpha <= 1:
+        raise TinyLLMError(f"--smooth {alpha}: the migration strength is between 0 (off) and 1")
+    sites = [site for site, (op, _, _) in smoothing.SITES.items() if formats[op] in ACTIVATIONS_ROUNDED] if alpha else []
+    n_calibration = calibration.DEFAULT_TOKENS if calibration_tokens is None else calibration_tokens
+    calibrating = rounding == "gptq" or sites
+    if calibrating and n_calibration < 2:
+        raise TinyLLMError(f"--calibration-tokens {n_calibration}: calibration needs at least 2 tokens")
     source = _source_dir(source, progress)
     out = _check_out(out, source, force)
 
     cfg = Config.from_dir(source)
     weights = load_weights(source)
     try:
-        Transformer(cfg, weights)  # every tensor checked against config.json before any work
+        transformer = Transformer(cfg, weights)  # every tensor checked against config.json before any work
     except ModelError as e:
         raise ModelError(f"{source}: {e}") from None
-    Tokenizer(source)  # and the tokenizer loads, so the copy will too
+    tokenizer = Tokenizer(source)  # and the tokenizer loads, so the copy will too
 
-    tensors, record = _stored_tensors(cfg, weights, formats, schedule.spec, source, progress)
-    _write(out, source, tensors, Record(schedule.spec, record).metadata())
-    return _summary(source, out, schedule.spec, record)
+    found, about = None, {"rounding": rounding}
+    if calibrating:
+        text = calibration_text or calibration.docstring_text()
+        ids = calibration.calibration_ids(tokenizer.encode, text, n_calibration)
+        if len(ids) < 2:
+            raise TinyLLMError(f"the calibration text {text.source} has {len(ids)} token(s); calibration needs at "
+                               "least 2")
+        found = calibration.calibrate(transformer, ids, progress)
+        about["calibration"] = {"source": text.source, "sha256": text.sha256, "tokens": len(ids)}
+    del transformer
+    if sites and any(format_name(v) for v in weights.values()):
+        warnings.warn(f"{source} holds quantised matrices: not smoothing them (smoothing starts from float32)")
+        sites = []
+    if sites:
+        smoothing.smooth(weights, cfg.n_layers, found, sites, alpha)
+        about["smoothing"] = {"alpha": alpha, "sites": sites}
+
+    tensors, record = _stored_tensors(cfg, weights, formats, schedule.spec, source, progress,
+                                      found.hessian if rounding == "gptq" else None)
+    _write(out, source, tensors, Record(schedule.spec, record, **about).metadata())
+    return _summary(source, out, schedule.spec, record, about)
 
 
 def _write(out: Path, source: Path, tensors: dict, metadata: dict) -> None:
@@ -253,9 +318,11 @@ def _write(out: Path, source: Path, tensors: dict, metadata: dict) -> None:
         raise
 
 
-def _stored_tensors(cfg, weights: dict, formats: dict, spec: str, source: Path, progress: bool) -> tuple[dict, dict]:
+def _stored_tensors(cfg, weights: dict, formats: dict, spec: str, source: Path, progress: bool,
+                    hessians: dict | None = None) -> tuple[dict, dict]:
     """What model.safetensors holds: every tensor the model uses (checkpoint name -> array), each
-    projection the schedule reads quantised as its format's fields; and the record's name -> format."""
+    projection the schedule reads quantised as its format's fields; and the record's name -> format.
+    With `hessians` (name -> H, tinyllm/calibration.py) the float32 matrices are rounded by GPTQ."""
     from tqdm import tqdm
 
     from .model import checkpoint_shapes, projection_op
@@ -280,7 +347,10 @@ def _stored_tensors(cfg, weights: dict, formats: dict, spec: str, source: Path, 
             tensors[name] = np.ascontiguousarray(stored, dtype=np.float32)
             continue
         try:
-            stored = as_format(stored, FORMATS[fmt])
+            if hessians is not None and format_name(stored) is None:
+                stored = gptq_quantize(stored, hessians[name], FORMATS[fmt])
+            else:
+                stored = as_format(stored, FORMATS[fmt])
         except ValueError:  # a 32-block format on rows of another length
             raise TinyLLMError(f"--ops {spec}: {fmt} stores rows in blocks of {BLOCK}, and {name} has rows of "
                                f"{stored.shape[1]} values") from None
@@ -339,11 +409,14 @@ def _model_files(source: Path) -> list[str]:
     return names + sorted(p.name for p in source.glob("tokenizer*") if p.is_file())
 
 
-def _summary(source: Path, out: Path, spec: str, record: dict) -> str:
+def _summary(source: Path, out: Path, spec: str, record: dict, about: dict) -> str:
     counts = Counter(record.values())
     formats = ", ".join(f"{n} {fmt}" for fmt, n in counts.most_common())
     size, source_size = _dir_bytes(out), _dir_bytes(source)
-    return (f"wrote {out}: {len(record)} matrices quantised for --ops {spec} ({formats}), every other tensor "
+    how = "GPTQ rounding" if about["rounding"] == "gptq" else "rounded to nearest"
+    if "smoothing" in about:
+        how += f", smoothed (alpha {about['smoothing']['alpha']})"
+    return (f"wrote {out}: {len(record)} matrices quantised for --ops {spec} ({formats}; {how}), every other tensor "
             f"float32; {size / 2**20:.1f} MiB on disk, the source {source} {source_size / 2**20:.1f} MiB "
             f"({size / source_size:.2f}x)")
 

@@ -1,0 +1,118 @@
+"""Calibration for GPTQ rounding (ops/gptq.py) and smoothing (tinyllm/smoothing.py): what each
+projection's inputs look like.
+
+GPTQ needs, for every projection W, the second moments H = Σ x xᵀ of the inputs x it multiplies;
+smoothing needs the largest |x_j| of each input feature.
+They are recorded while the float32 `reference` schedule reads a calibration text: the `linear` op
+of its op table is wrapped, so every projection's input passes by (the unfused composites call
+`linear` for Q, K, V, the MLP's gate, up and down, and the LM head). Projections that read the same
+input (Q, K and V; gate and up) share one H.
+
+The default text is the docstrings of a fixed list of standard-library modules: English prose that
+ships with every Python, and not the text `tinyllm eval` scores (pydoc_data.topics), so an eval of a
+GPTQ model is not flattered by having been calibrated on what it is scored on.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .eval import Text, first_tokens, windows
+
+DEFAULT_TOKENS = 4096  # calibration tokens: 8 windows of 512
+WINDOW = 512
+DOCSTRING_MODULES = (
+    "abc argparse ast asyncio bisect collections contextlib copy csv dataclasses datetime decimal difflib dis "
+    "email enum fractions functools heapq http.client inspect io itertools json logging math multiprocessing "
+    "os pathlib pickle pprint random re shutil socket sqlite3 ssl statistics string struct subprocess tarfile "
+    "tempfile textwrap threading tokenize typing unittest urllib.request zipfile").split()
+
+
+def docstring_text() -> Text:
+    """The default calibration text: each module's docstring, then those of its public functions and
+    classes in sorted name order, joined by blank lines."""
+    parts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # typing.io and typing.re say they are going
+        for name in DOCSTRING_MODULES:
+            module = importlib.import_module(name)
+            parts.append(module.__doc__ or "")
+            for attr, obj in sorted(vars(module).items()):
+                if (not attr.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
+                        and getattr(obj, "__module__", None) == module.__name__ and obj.__doc__):
+                    parts.append(obj.__doc__)
+    return Text("standard-library docstrings", "\n\n".join(p for p in parts if p))
+
+
+def projection_inputs(transformer) -> dict[int, tuple[str, bool]]:
+    """id(weight) -> (the checkpoint name of the H its inputs go to, whether this call records them):
+    for each projection as the prepared `reference` model holds it. Of the projections that share an
+    input, only the first records it."""
+    sites = {}
+    for i, L in enumerate(transformer.layers):
+        p = f"model.layers.{i}."
+        sites[id(L.attn_in.wq)] = (p + "self_attn.q_proj.weight", True)
+        sites[id(L.attn_in.wk)] = (p + "self_attn.q_proj.weight", False)
+        sites[id(L.attn_in.wv)] = (p + "self_attn.q_proj.weight", False)
+        sites[id(L.wo)] = (p + "self_attn.o_proj.weight", True)
+        sites[id(L.mlp.gate)] = (p + "mlp.gate_proj.weight", True)
+        sites[id(L.mlp.up)] = (p + "mlp.gate_proj.weight", False)
+        sites[id(L.mlp.down)] = (p + "mlp.down_proj.weight", True)
+    sites[id(transformer.head.weight)] = ("lm_head.weight", True)
+    return sites
+
+
+@dataclass
+class Calibration:
+    """Per projection (checkpoint name), over its calibration inputs x (rows of K features):
+    `hessian` H = Σ x xᵀ (float32, K x K) and `absmax` max |x_j| per feature (float32, K). Projections
+    that share an input share the arrays."""
+    hessian: dict[str, np.ndarray]
+    absmax: dict[str, np.ndarray]
+
+
+def calibrate(transformer, ids: list[int], progress: bool = True) -> Calibration:
+    """What each projection's inputs look like while the model reads `ids` in independent windows of
+    WINDOW tokens (or of its context, if shorter)."""
+    from tqdm import tqdm
+
+    from .schedule import apply, parse
+
+    apply(transformer, parse("reference"))  # float32 everywhere (a quantised model is dequantised)
+    sites = projection_inputs(transformer)
+    shared = {"self_attn.q_proj": ("self_attn.k_proj", "self_attn.v_proj"), "mlp.gate_proj": ("mlp.up_proj",)}
+    H, absmax = {}, {}
+    plain = transformer.ops.linear
+
+    def recording_linear(x, weight, bias=None):
+        name, records = sites.get(id(weight), (None, False))
+        if records:
+            rows = x.reshape(-1, x.shape[-1])
+            H[name] = H[name] + rows.T @ rows if name in H else rows.T @ rows
+            peak = np.abs(rows).max(axis=0)
+            absmax[name] = np.maximum(absmax[name], peak) if name in absmax else peak
+        return plain(x, weight, bias)
+
+    transformer.ops.linear = recording_linear
+    try:
+        chunks = windows(ids, min(WINDOW, transformer.cfg.max_seq_len))
+        for chunk in tqdm(chunks, desc="calibrating", unit="window", disable=None if progress else True):
+            transformer.forward(np.asarray(chunk))
+    finally:
+        transformer.ops.linear = plain
+    for name in list(H):
+        for leader, followers in shared.items():
+            if leader in name:
+                for follower in followers:
+                    H[name.replace(leader, follower)] = H[name]
+                    absmax[name.replace(leader, follower)] = absmax[name]
+    return Calibration(H, absmax)
+
+
+def calibration_ids(encode, text: Text, n: int) -> list[int]:
+    """The first `n` tokens of the calibration text."""
+    return first_tokens(encode, text.text, n)
