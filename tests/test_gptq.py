@@ -191,11 +191,16 @@ def test_quantize_with_gptq_end_to_end(block_model_dir, tmp_path):
     rows = {row["ops"]: row for row in json.loads((tmp_path / "e.json").read_text())["results"]}
     assert set(rows) == {"reference", "int8", f"int8 @ {out}"}
     assert rows["reference"]["kl_mean"] == 0 and 0 < rows[f"int8 @ {out}"]["kl_mean"] < 0.1
-    r = run_cli("bench", "--model", block_model_dir, "--ops", "int8", "--quantized", out, "--rounds", "1",
-                "--prompt-tokens", "8", "--new-tokens", "4", "--json", tmp_path / "b.json")
+    r = run_cli("bench", "--model", block_model_dir, "--ops", "reference", "--ops", "int8", "--quantized", out,
+                "--rounds", "1", "--prompt-tokens", "8", "--new-tokens", "4", "--json", tmp_path / "b.json")
     assert r.returncode == 0, r.stderr
     rows = {row["ops"]: row for row in json.loads((tmp_path / "b.json").read_text())["results"]}
-    assert set(rows) == {"int8", f"int8 @ {out}"} and rows[f"int8 @ {out}"]["decode_tok_s"] > 0
+    assert set(rows) == {"reference", "int8", f"int8 @ {out}"} and rows[f"int8 @ {out}"]["decode_tok_s"] > 0
+    pytest.importorskip("matplotlib")
+    r = run_cli("eval", "--model", block_model_dir, "--ops", "int8", "--quantized", out, "--text", text, "--tokens",
+                "100", "--window", "64", "--bench-json", tmp_path / "b.json", "--plot", tmp_path / "p.png")
+    assert r.returncode == 0, r.stderr
+    assert f"int8 @ {out}" in r.stdout and (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_quantize_with_a_calibration_text_file(block_model_dir, tmp_path):

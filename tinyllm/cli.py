@@ -539,8 +539,11 @@ def _quantized_spec(directory, model) -> str:
 
 
 def cmd_eval(args) -> int:
+    from pathlib import Path
+
     from . import bench, eval as evaluation
     from .api import load
+    from .pull import default_model_dir
     from .schedule import PRESETS, parse
 
     for name, value in [("--tokens", args.tokens), ("--window", args.window)]:
@@ -550,21 +553,26 @@ def cmd_eval(args) -> int:
     for spec in specs:
         parse(spec)  # a bad spec fails here, in one line, before any model loads
     bench.check_outputs(args.json, args.plot)  # unwritable outputs fail now, not after minutes of scoring
-    speeds = evaluation.speeds_from_bench_json(args.bench_json, specs) if args.bench_json else None
     text = evaluation.read_text(args.text) if args.text is not None else evaluation.pydoc_text()
     log = (lambda message: print(message, file=sys.stderr)) if sys.stderr.isatty() else (lambda message: None)
 
+    model_dir = Path(args.model) if args.model is not None else default_model_dir()
+    quantized = []  # (label, spec, model directory); the label is the one `bench --quantized DIR` gives it too
+    for directory in args.quantized or []:
+        spec = _quantized_spec(directory, model_dir)
+        quantized.append((f"{spec} @ {directory}", spec, directory))
+    if args.bench_json:
+        speeds = evaluation.speeds_from_bench_json(args.bench_json, specs + [label for label, _, _ in quantized])
+    else:
+        speeds = None
+
     reference = load(args.model, ops="reference")
     ids, window = evaluation.tokens_to_score(reference, text, args.tokens, args.window)
-    models, rows = [], [(spec, spec, str(reference.path)) for spec in specs]  # (label, spec, model directory)
-    for spec in specs[1:]:  # all loaded before anything is scored or timed: a schedule that fails, fails now
-        log(f"loading {spec} ...")
-        models.append(load(reference.path, ops=spec))
-    for directory in args.quantized or []:
-        spec = _quantized_spec(directory, reference.path)
-        log(f"loading {directory} ...")
-        models.append(load(directory))
-        rows.append((f"{spec} @ {directory}", spec, directory))
+    rows = [(spec, spec, str(reference.path)) for spec in specs] + quantized
+    models = []
+    for label, spec, directory in rows[1:]:  # all loaded before anything is scored or timed: one that fails, fails now
+        log(f"loading {label} ...")
+        models.append(load(directory, ops=spec))
     scores = evaluation.evaluate(reference, models, ids, window, labels=[label for label, _, _ in rows])
     if args.plot is not None and speeds is None:
         import gc

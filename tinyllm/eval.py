@@ -202,7 +202,7 @@ def measured_speeds(rows: list[tuple[str, str, str]], context: int, threads: int
 
 def speeds_from_bench_json(path, specs: list[str]) -> dict[str, float]:
     """Decode tokens/s of each schedule from a `tinyllm bench --json` file (its median), matched by
-    the spec exactly as written."""
+    the spec exactly as written (a --quantized directory's by "SPEC @ DIR", as both commands name it)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         found = {r["ops"]: float(r["decode_tok_s"]) for r in data["results"]}
@@ -214,7 +214,8 @@ def speeds_from_bench_json(path, specs: list[str]) -> dict[str, float]:
     missing = [s for s in specs if s not in found]
     if missing:
         raise TinyLLMError(f"--bench-json {path} has no decode speed for {', '.join(missing)} (it has: "
-                           f"{', '.join(found) or 'none'}); run `tinyllm bench --json` with these --ops too")
+                           f"{', '.join(found) or 'none'}); run `tinyllm bench --json` with these --ops (and "
+                           "--quantized) too")
     return {s: found[s] for s in specs}
 
 
@@ -268,7 +269,6 @@ def plot(scores: list[Score], path) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 5.5))
     markers = "osD^vP*Xph"  # exact schedules share a point: their markers tell them apart
-    scores = [s for s in scores if s.decode_tok_s is not None]  # --bench-json has no speed for --quantized rows
     for i, s in enumerate(scores):
         ax.scatter([s.kl_mean], [s.decode_tok_s], s=70, marker=markers[i % len(markers)], alpha=0.8, zorder=3,
                    color=plt.get_cmap("tab10")(i % 10),
