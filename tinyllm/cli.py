@@ -183,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark schedules side by side: each in its own process, rounds alternating between them "
         "(A B A B ...) after a warm-up, reporting the median (min-max) of prefill tokens/s on a 128-token prompt, "
         "decode tokens/s over 128 new tokens (greedy, batch 1, EOS ignored), time to first token, load time, and "
-        "memory: weights = RSS after loading, preparing and a short warm-up (weights are memory-mapped, so only "
-        "pages that were read count) minus RSS before loading; kernels = the Numba runtime and compiled code, "
+        "memory: weights = RSS after loading and preparing (loading reads every tensor once, so memory-mapped "
+        "weights are resident; the heap's free memory is handed back first) minus RSS before loading; kernels = the "
+        "Numba runtime and compiled code, "
         "loaded first on a tiny random model, so that weights holds no code; peak = the process's peak RSS.")
     _add_model_args(b, ops=False)
     b.add_argument("--ops", action="append", metavar="SPEC",
