@@ -130,7 +130,7 @@ class Int8:
 
     def with_codes(self, codes: np.ndarray) -> "Int8":
         """The same scales holding other codes (N, K) in LEVELS (what ops/gptq.py chose)."""
-        return Int8(codes.astype(np.int8), self.scale)
+        return Int8(np.ascontiguousarray(codes, dtype=np.int8), self.scale)
 
 
 class _BlockFormat:
@@ -169,7 +169,7 @@ class Q8_0(_BlockFormat):
         return self._per_element(self.d), np.zeros(self.shape, np.float32)
 
     def with_codes(self, codes: np.ndarray) -> "Q8_0":
-        return Q8_0(self.d, codes.astype(np.int8).reshape(self.qs.shape))
+        return Q8_0(self.d, np.ascontiguousarray(codes, dtype=np.int8).reshape(self.qs.shape))
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ class Q4_0(_BlockFormat):
         return step, np.float32(-8) * step
 
     def with_codes(self, codes: np.ndarray) -> "Q4_0":
-        return Q4_0(self.d, _pack_nibbles(codes.reshape(*self.d.shape, BLOCK)))
+        return Q4_0(self.d, _pack_nibbles(np.ascontiguousarray(codes).reshape(*self.d.shape, BLOCK)))
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ class Q4_1(_BlockFormat):
         return self._per_element(self.d), self._per_element(self.m)
 
     def with_codes(self, codes: np.ndarray) -> "Q4_1":
-        return Q4_1(self.d, self.m, _pack_nibbles(codes.reshape(*self.d.shape, BLOCK)))
+        return Q4_1(self.d, self.m, _pack_nibbles(np.ascontiguousarray(codes).reshape(*self.d.shape, BLOCK)))
 
 
 FORMATS = {"int8": Int8, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}

@@ -122,6 +122,10 @@ def test_inputs_that_are_always_zero():
     np.testing.assert_array_equal(q.q[:, 5], FORMATS["int8"].quantize(w).q[:, 5])
     np.testing.assert_array_equal(gptq_quantize(np.zeros((4, 32), np.float32), x[:, :32].T @ x[:, :32],
                                                 FORMATS["q4_1"]).dequantize(), 0)
+    for fmt in FORMATS.values():  # no input at all: nothing to carry, every weight to nearest
+        w = rng.standard_normal((4, 64)).astype(np.float32)
+        np.testing.assert_array_equal(gptq_quantize(w, np.zeros((64, 64)), fmt).dequantize(),
+                                      gptq_quantize(w, np.eye(64), fmt).dequantize())
 
 
 # ------------------------------------------------------------------------------ calibration
@@ -215,7 +219,7 @@ def test_quantize_with_a_calibration_text_file(block_model_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--calibration-tokens", "1"], "--calibration-tokens 1: calibration needs at least 2 tokens"),
-    (["--calibration-text", "/nonexistent/text"], "cannot read --text /nonexistent/text"),
+    (["--calibration-text", "/nonexistent/text"], "cannot read --calibration-text /nonexistent/text"),
 ])
 def test_bad_calibration_arguments(block_model_dir, tmp_path, args, message):
     r = run_cli("quantize", "--ops", "int8", "--out", tmp_path / "q", "--model", block_model_dir, *args)
@@ -280,6 +284,8 @@ def test_smoothing_shrinks_the_error_of_rounded_activations():
     smoothed = np.abs(round_activations_q8(x / s) @ (w * s).T - exact).mean()
     assert smoothed < 0.25 * plain, (smoothed, plain)
     assert smoothing_scales(np.zeros(3), np.ones(3), 0.5).tolist() == [1, 1, 1]  # a dead feature is left alone
+    # a feature whose inputs are nearly always 0 too: dividing up_proj's row by a tiny s would overflow float16
+    assert smoothing_scales(np.array([4.0, 1e-12]), np.ones(2), 0.5).tolist() == [2, 1]
 
 
 @pytest.mark.parametrize("args, smoothed", [([], True), (["--smooth", "0"], False)])
@@ -308,6 +314,7 @@ def test_weight_only_formats_are_not_smoothed(block_model_dir, tmp_path):
     r = run_cli("quantize", "--ops", "int8", "--out", tmp_path / "int8", "--model", block_model_dir,
                 "--calibration-tokens", "100", "--smooth", "0.8")
     assert r.returncode == 0, r.stderr
+    assert "warning: --smooth applies to formats that round their activations (q8_0)" in r.stderr
     with safe_open(tmp_path / "int8" / "model.safetensors", "np") as f:
         assert "smoothing" not in json.loads(f.metadata()[RECORD_KEY])
 
@@ -338,3 +345,19 @@ def test_calibrated_int8_and_q8_0_beat_rounding_to_nearest_on_the_real_model(rea
     assert int8_gptq.kl_mean < 0.7 * int8.kl_mean, (int8_gptq.kl_mean, int8.kl_mean)
     assert q8_0_gptq.kl_mean < 0.7 * q8_0.kl_mean, (q8_0_gptq.kl_mean, q8_0.kl_mean)
     assert int8_gptq.top1 >= 0.97 and q8_0_gptq.top1 >= 0.97, (int8_gptq.top1, q8_0_gptq.top1)
+
+
+def test_quantizing_a_calibrated_directory_keeps_its_codes_and_says_how_they_were_chosen(block_model_dir, tmp_path):
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert run_cli("quantize", "--ops", "int8", "--out", first, "--model", block_model_dir, "--calibration-tokens",
+                   "100").returncode == 0
+    r = run_cli("quantize", "--ops", "int8", "--out", again, "--model", first)
+    assert r.returncode == 0, r.stderr
+    assert "kept as stored or rounded to nearest, not calibrated" in r.stderr
+    records = []
+    for path in (first, again):
+        with safe_open(path / "model.safetensors", "np") as f:
+            records.append(json.loads(f.metadata()[RECORD_KEY]))
+    assert records[1] == records[0] and records[1]["rounding"] == "gptq"
+    name = "model.layers.0.mlp.down_proj.weight"
+    np.testing.assert_array_equal(load_weights(again)[name].q, load_weights(first)[name].q)

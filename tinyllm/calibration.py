@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import TinyLLMError
 from .eval import Text, first_tokens, windows
 
 DEFAULT_TOKENS = 4096  # calibration tokens: 8 windows of 512
@@ -39,7 +40,10 @@ def docstring_text() -> Text:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # typing.io and typing.re say they are going
         for name in DOCSTRING_MODULES:
-            module = importlib.import_module(name)
+            try:
+                module = importlib.import_module(name)
+            except ImportError:  # a Python built without it (ssl, sqlite3): its docstrings are not there
+                continue
             parts.append(module.__doc__ or "")
             for attr, obj in sorted(vars(module).items()):
                 if (not attr.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
@@ -73,11 +77,12 @@ class Calibration:
     that share an input share the arrays."""
     hessian: dict[str, np.ndarray]
     absmax: dict[str, np.ndarray]
+    tokens: int  # positions the model read (a last window of one token is not run)
 
 
 def calibrate(transformer, ids: list[int], progress: bool = True) -> Calibration:
     """What each projection's inputs look like while the model reads `ids` in independent windows of
-    WINDOW tokens (or of its context, if shorter)."""
+    WINDOW tokens (or of its context, if shorter). The transformer is left on the `reference` schedule."""
     from tqdm import tqdm
 
     from .schedule import apply, parse
@@ -104,13 +109,17 @@ def calibrate(transformer, ids: list[int], progress: bool = True) -> Calibration
             transformer.forward(np.asarray(chunk))
     finally:
         transformer.ops.linear = plain
+    bad = next((name for name in H if not (np.all(np.isfinite(H[name])) and np.all(np.isfinite(absmax[name])))), None)
+    if bad is not None:
+        raise TinyLLMError(f"the calibration run met NaN or Inf at the input of {bad}: the model's weights or "
+                           "activations are not finite")
     for name in list(H):
         for leader, followers in shared.items():
             if leader in name:
                 for follower in followers:
                     H[name.replace(leader, follower)] = H[name]
                     absmax[name.replace(leader, follower)] = absmax[name]
-    return Calibration(H, absmax)
+    return Calibration(H, absmax, sum(len(c) for c in chunks))
 
 
 def calibration_ids(encode, text: Text, n: int) -> list[int]:

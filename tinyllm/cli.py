@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from . import __version__
 from .errors import TinyLLMError
@@ -184,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(A B A B ...) after a warm-up, reporting the median (min-max) of prefill tokens/s on a 128-token prompt, "
         "decode tokens/s over 128 new tokens (greedy, batch 1, EOS ignored), time to first token, load time, and "
         "memory: weights = RSS after loading and preparing (loading reads every tensor once, so memory-mapped "
-        "weights are resident; the heap's free memory is handed back first) minus RSS before loading; kernels = the "
+        "weights are resident, except the embedding's where no head reads the whole table: of it only the rows "
+        "looked up come back; the heap's free memory is handed back first) minus RSS before loading; kernels = the "
         "Numba runtime and compiled code, "
         "loaded first on a tiny random model, so that weights holds no code; peak = the process's peak RSS.")
     _add_model_args(b, ops=False)
@@ -393,7 +395,7 @@ def cmd_quantize(args) -> int:
 
     from .eval import read_text
 
-    text = read_text(args.calibration_text) if args.calibration_text else None
+    text = read_text(args.calibration_text, "--calibration-text") if args.calibration_text else None
     print(quantize(args.model, args.ops, args.out, force=args.force, rounding=args.rounding, smooth=args.smooth,
                    calibration_text=text, calibration_tokens=args.calibration_tokens))
     return 0
@@ -485,7 +487,7 @@ def cmd_bench(args) -> int:
                                ("--threads", 1 if args.threads is None else args.threads, 1)]:
         if value < least:
             raise TinyLLMError(f"{name} must be at least {least}, got {value}")
-    specs = args.ops or ([] if args.quantized else list(PRESETS))
+    specs = args.ops or list(PRESETS)
     for spec in specs:
         parse(spec)  # a bad spec fails here, in one line, before any child starts
     bench.check_outputs(args.json, args.plot)  # so do unwritable --json/--plot paths: not after minutes
@@ -501,7 +503,7 @@ def cmd_bench(args) -> int:
     for directory in args.quantized or []:
         spec = _quantized_spec(directory, model or default_model_dir())
         engines.append(bench.tinyllm_engine(spec, directory, args.prompt_tokens, args.new_tokens, plugins,
-                                            name=f"{spec} @ {directory}"))
+                                            name=f"{spec} @ {Path(directory)}"))
     bench.run(engines, rounds=args.rounds, threads=args.threads, profile=args.profile,
               log=lambda m: print(m, file=sys.stderr))
     bench.report(engines, threads=args.threads, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
@@ -516,8 +518,6 @@ def _quantized_spec(directory, model) -> str:
     """--quantized DIR (eval, bench): the schedule the `tinyllm quantize` directory DIR was written for,
     after checking that it was quantised from the model directory `model` (quantize copies config.json
     and the tokenizer as they are)."""
-    from pathlib import Path
-
     from .errors import ModelError
     from .loading import read_quantization
 
@@ -540,8 +540,6 @@ def _quantized_spec(directory, model) -> str:
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
     from . import bench, eval as evaluation
     from .api import load
     from .pull import default_model_dir
@@ -561,7 +559,7 @@ def cmd_eval(args) -> int:
     quantized = []  # (label, spec, model directory); the label is the one `bench --quantized DIR` gives it too
     for directory in args.quantized or []:
         spec = _quantized_spec(directory, model_dir)
-        quantized.append((f"{spec} @ {directory}", spec, directory))
+        quantized.append((f"{spec} @ {Path(directory)}", spec, directory))
     if args.bench_json:
         speeds = evaluation.speeds_from_bench_json(args.bench_json, specs + [label for label, _, _ in quantized])
     else:

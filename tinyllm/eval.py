@@ -65,16 +65,16 @@ def pydoc_text() -> Text:
     return Text(PYDOC_SOURCE, "\n\n".join(topics[k] for k in sorted(topics)))
 
 
-def read_text(path) -> Text:
-    """A user's text file (--text), which must be UTF-8."""
+def read_text(path, flag: str = "--text") -> Text:
+    """A user's text file (given as `flag`), which must be UTF-8."""
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
-        raise TinyLLMError(f"cannot read --text {path}: {e.strerror or e}") from None
+        raise TinyLLMError(f"cannot read {flag} {path}: {e.strerror or e}") from None
     try:
         return Text(str(path), raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise TinyLLMError(f"--text {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+        raise TinyLLMError(f"{flag} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
 
 
 def first_tokens(encode, text: str, n: int) -> list[int]:

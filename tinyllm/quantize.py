@@ -239,7 +239,7 @@ def quantize(source, spec, out, *, force: bool = False, progress: bool = True, r
     temporary directory beside `out` that is renamed to `out` only when complete. An existing non-empty
     `out` is an error unless `force`, and even then it is removed only after the new one is in place."""
     from .config import Config
-    from .loading import load_weights
+    from .loading import load_weights, read_quantization
     from .model import Transformer
     from .schedule import PRESETS, parse
     from .tokenizer import Tokenizer
@@ -256,12 +256,25 @@ def quantize(source, spec, out, *, force: bool = False, progress: bool = True, r
     if not 0 <= alpha <= 1:
         raise TinyLLMError(f"--smooth {alpha}: the migration strength is between 0 (off) and 1")
     sites = [site for site, (op, _, _) in smoothing.SITES.items() if formats[op] in ACTIVATIONS_ROUNDED] if alpha else []
+    if smooth and not sites:
+        warnings.warn(f"--smooth applies to formats that round their activations ({', '.join(ACTIVATIONS_ROUNDED)}); "
+                      f"--ops {schedule.spec} rounds none, so nothing is smoothed")
     n_calibration = calibration.DEFAULT_TOKENS if calibration_tokens is None else calibration_tokens
-    calibrating = rounding == "gptq" or sites
+    calibrating = rounding == "gptq" or bool(sites)
     if calibrating and n_calibration < 2:
         raise TinyLLMError(f"--calibration-tokens {n_calibration}: calibration needs at least 2 tokens")
+    if not calibrating and (calibration_text is not None or calibration_tokens is not None):
+        warnings.warn("--rounding nearest without smoothing reads no calibration text; the calibration options "
+                      "do nothing")
     source = _source_dir(source, progress)
     out = _check_out(out, source, force)
+    source_record = read_quantization(source)
+    if source_record is not None and calibrating:
+        # GPTQ and smoothing start from float32: a quantised source's matrices are kept as they are
+        # stored (the same format) or dequantised and rounded to nearest (another format).
+        warnings.warn(f"{source} was written by `tinyllm quantize`: its matrices are kept as stored or rounded to "
+                      "nearest, not calibrated (give the float32 model it came from to calibrate)")
+        calibrating, sites, rounding = False, [], "nearest"
 
     cfg = Config.from_dir(source)
     weights = load_weights(source)
@@ -278,18 +291,24 @@ def quantize(source, spec, out, *, force: bool = False, progress: bool = True, r
         if len(ids) < 2:
             raise TinyLLMError(f"the calibration text {text.source} has {len(ids)} token(s); calibration needs at "
                                "least 2")
+        if len(ids) < n_calibration:
+            warnings.warn(f"the calibration text {text.source} has only {len(ids)} tokens; calibrating on those")
         found = calibration.calibrate(transformer, ids, progress)
-        about["calibration"] = {"source": text.source, "sha256": text.sha256, "tokens": len(ids)}
+        about["calibration"] = {"source": text.source, "sha256": text.sha256, "tokens": found.tokens}
     del transformer
-    if sites and any(format_name(v) for v in weights.values()):
-        warnings.warn(f"{source} holds quantised matrices: not smoothing them (smoothing starts from float32)")
-        sites = []
     if sites:
         smoothing.smooth(weights, cfg.n_layers, found, sites, alpha)
         about["smoothing"] = {"alpha": alpha, "sites": sites}
 
     tensors, record = _stored_tensors(cfg, weights, formats, schedule.spec, source, progress,
                                       found.hessian if rounding == "gptq" else None)
+    if source_record is not None and all(source_record.tensors.get(n) == f for n, f in record.items()):
+        about = {"rounding": source_record.rounding, "calibration": source_record.calibration,
+                 "smoothing": source_record.smoothing}  # every matrix kept as stored: its codes are the source's
+    bad = next((n for n, t in tensors.items() if t.dtype.kind == "f" and not np.all(np.isfinite(t))), None)
+    if bad is not None:  # e.g. a float16 scale overflowed: such a model would compute NaN
+        raise TinyLLMError(f"quantising gave non-finite values in {bad}; nothing was written (try --smooth 0 or "
+                           "--rounding nearest)")
     _write(out, source, tensors, Record(schedule.spec, record, **about).metadata())
     return _summary(source, out, schedule.spec, record, about)
 
@@ -414,7 +433,7 @@ def _summary(source: Path, out: Path, spec: str, record: dict, about: dict) -> s
     formats = ", ".join(f"{n} {fmt}" for fmt, n in counts.most_common())
     size, source_size = _dir_bytes(out), _dir_bytes(source)
     how = "GPTQ rounding" if about["rounding"] == "gptq" else "rounded to nearest"
-    if "smoothing" in about:
+    if about.get("smoothing"):
         how += f", smoothed (alpha {about['smoothing']['alpha']})"
     return (f"wrote {out}: {len(record)} matrices quantised for --ops {spec} ({formats}; {how}), every other tensor "
             f"float32; {size / 2**20:.1f} MiB on disk, the source {source} {source_size / 2**20:.1f} MiB "

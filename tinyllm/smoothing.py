@@ -10,12 +10,14 @@ leaves every product the same:
     W x = (W diag(s)) (diag(s)⁻¹ x),     s_j = max|x_j|^α / max|W[:, j]|^(1-α)
 
 With α = 0.5 the outliers are shared evenly between activations and weights; the weights, rounded
-once and carefully (GPTQ), take their share better than activations rounded on the fly. The division
+once and carefully (GPTQ), take their share better than activations rounded on the fly. (A small α is
+not "almost off": as α -> 0, s_j -> 1 / max|W_j|, which rescales every weight column to a largest
+value of 1. α = 0 means no smoothing at all.) The division
 costs nothing at run time, because it folds into what makes the input:
 
 - the attention's Q/K/V input is rmsnorm(x)·γ: γ_j / s_j (input_layernorm.weight);
 - the MLP's gate/up input is rmsnorm(x)·γ: γ_j / s_j (post_attention_layernorm.weight);
-- the down projection's input is silu(gate)·up: row j of up_proj (and its bias) / s_j.
+- the down projection's input is silu(gate)·up: row j of up_proj / s_j.
 
 The attention output projection is left alone: its input is a mix of V's rows shared by several
 query heads (grouped-query attention), so its features cannot be scaled one by one through V.
@@ -37,10 +39,14 @@ SITES = {
 }
 
 
+DEAD = 1e-6  # a feature whose inputs (or weights) stay below this share of the largest is left alone
+
+
 def smoothing_scales(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.ndarray:
-    """s_j = max|x_j|^α / max|W_j|^(1-α); 1 for a feature that is always 0 or meets only zero weights."""
+    """s_j = max|x_j|^α / max|W_j|^(1-α); 1 for a feature whose inputs or weights are (nearly) always 0:
+    dividing by a tiny s_j would blow its fold (a row of up_proj) past float16's range."""
     x, w = x_absmax.astype(np.float64), w_absmax.astype(np.float64)
-    live = (x > 0) & (w > 0)
+    live = (x > DEAD * x.max(initial=0)) & (w > DEAD * w.max(initial=0))
     s = np.ones_like(x)
     s[live] = x[live] ** alpha / w[live] ** (1 - alpha)
     return s.astype(np.float32)
@@ -59,11 +65,9 @@ def smooth(weights: dict, n_layers: int, calibration, sites: list[str], alpha: f
             s = smoothing_scales(calibration.absmax[names[0]], w_absmax, alpha)
             for n in names:
                 weights[n] = weights[n] * s  # column j times s_j
-            if fold == "mlp.up_proj rows":
-                up = f"{p}mlp.up_proj"
-                weights[up + ".weight"] = weights[up + ".weight"] / s[:, None]
-                if weights.get(up + ".bias") is not None:
-                    weights[up + ".bias"] = weights[up + ".bias"] / s
+            if fold == "mlp.up_proj rows":  # (Llama checkpoints have no MLP biases, so no bias to divide)
+                up = f"{p}mlp.up_proj.weight"
+                weights[up] = weights[up] / s[:, None]
             else:
                 weights[f"{p}{fold}.weight"] = weights[f"{p}{fold}.weight"] / s
             hessian = calibration.hessian[names[0]] / s[:, None] / s[None, :]
