@@ -30,12 +30,22 @@ def test_the_tour_has_its_commands():
     assert {"generate", "ops", "check", "bench", "eval"} <= kinds
 
 
+@pytest.fixture(scope="module")
+def tour_dir(tmp_path_factory):
+    """Where the tour's commands run, one after another: what one writes (`quantize --out weights/...`)
+    the next reads, and nothing lands in the checkout."""
+    path = tmp_path_factory.mktemp("tour")
+    (path / "weights").mkdir()
+    return path
+
+
 @pytest.mark.real_model
 @pytest.mark.parametrize("command", tour_commands())
-def test_tour_command_runs(command, real_model_dir):
+def test_tour_command_runs(command, real_model_dir, tour_dir):
     env = {**os.environ, "TINYLLM_HOME": str(real_model_dir.parent)}  # the pulled default model
     argv = shlex.split(command)
-    r = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, env=env, timeout=600,
+                       cwd=tour_dir)
     assert r.returncode == 0, f"{command}\n{r.stderr}"
     kind = argv[3]
     if kind == "generate":
@@ -51,9 +61,12 @@ def test_tour_command_runs(command, real_model_dir):
         assert "why the tolerances:" in r.stdout
     elif kind == "eval":  # a row per schedule, reference first and exact against itself
         specs = [argv[i + 1] for i, a in enumerate(argv) if a == "--ops"]
-        rows = [line.split() for line in r.stdout.splitlines()[3:]]
+        specs += [f"{argv[i + 1].split('-')[-1]} @ {argv[i + 1]}" for i, a in enumerate(argv) if a == "--quantized"]
+        rows = [line.rsplit(None, 3) for line in r.stdout.splitlines()[3:]]
         assert [row[0] for row in rows] == ["reference", *specs]
         assert rows[0][2:] == ["0", "100.00%"] and all(float(row[1]) > 1 for row in rows)
+    elif kind == "quantize":
+        assert r.stdout.startswith("wrote weights/") and "GPTQ rounding" in r.stdout
 
 
 def line_starting(text: str, prefix: str) -> bool:
