@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import TinyLLMError
-from .eval import Text, first_tokens, windows
+from .eval import Text, windows
 
 DEFAULT_TOKENS = 4096  # calibration tokens: 8 windows of 512
 WINDOW = 512
@@ -120,8 +120,3 @@ def calibrate(transformer, ids: list[int], progress: bool = True) -> Calibration
                     H[name.replace(leader, follower)] = H[name]
                     absmax[name.replace(leader, follower)] = absmax[name]
     return Calibration(H, absmax, sum(len(c) for c in chunks))
-
-
-def calibration_ids(encode, text: Text, n: int) -> list[int]:
-    """The first `n` tokens of the calibration text."""
-    return first_tokens(encode, text.text, n)

@@ -239,6 +239,7 @@ def quantize(source, spec, out, *, force: bool = False, progress: bool = True, r
     temporary directory beside `out` that is renamed to `out` only when complete. An existing non-empty
     `out` is an error unless `force`, and even then it is removed only after the new one is in place."""
     from .config import Config
+    from .eval import first_tokens
     from .loading import load_weights, read_quantization
     from .model import Transformer
     from .schedule import PRESETS, parse
@@ -287,7 +288,7 @@ def quantize(source, spec, out, *, force: bool = False, progress: bool = True, r
     found, about = None, {"rounding": rounding}
     if calibrating:
         text = calibration_text or calibration.docstring_text()
-        ids = calibration.calibration_ids(tokenizer.encode, text, n_calibration)
+        ids = first_tokens(tokenizer.encode, text.text, n_calibration)
         if len(ids) < 2:
             raise TinyLLMError(f"the calibration text {text.source} has {len(ids)} token(s); calibration needs at "
                                "least 2")
