@@ -52,21 +52,18 @@ def docstring_text() -> Text:
     return Text("standard-library docstrings", "\n\n".join(p for p in parts if p))
 
 
-def projection_inputs(transformer) -> dict[int, tuple[str, bool]]:
-    """id(weight) -> (the checkpoint name of the H its inputs go to, whether this call records them):
-    for each projection as the prepared `reference` model holds it. Of the projections that share an
-    input, only the first records it."""
+def projection_inputs(transformer) -> dict[int, str]:
+    """id(weight) -> the checkpoint name of the H its inputs go to, for the projections whose inputs
+    are recorded, as the prepared `reference` model holds them. Of the projections that share an input
+    (Q, K, V; gate, up), only the first is here: the others get its H afterwards."""
     sites = {}
     for i, L in enumerate(transformer.layers):
         p = f"model.layers.{i}."
-        sites[id(L.attn_in.wq)] = (p + "self_attn.q_proj.weight", True)
-        sites[id(L.attn_in.wk)] = (p + "self_attn.q_proj.weight", False)
-        sites[id(L.attn_in.wv)] = (p + "self_attn.q_proj.weight", False)
-        sites[id(L.wo)] = (p + "self_attn.o_proj.weight", True)
-        sites[id(L.mlp.gate)] = (p + "mlp.gate_proj.weight", True)
-        sites[id(L.mlp.up)] = (p + "mlp.gate_proj.weight", False)
-        sites[id(L.mlp.down)] = (p + "mlp.down_proj.weight", True)
-    sites[id(transformer.head.weight)] = ("lm_head.weight", True)
+        sites[id(L.attn_in.wq)] = p + "self_attn.q_proj.weight"
+        sites[id(L.wo)] = p + "self_attn.o_proj.weight"
+        sites[id(L.mlp.gate)] = p + "mlp.gate_proj.weight"
+        sites[id(L.mlp.down)] = p + "mlp.down_proj.weight"
+    sites[id(transformer.head.weight)] = "lm_head.weight"
     return sites
 
 
@@ -94,8 +91,8 @@ def calibrate(transformer, ids: list[int], progress: bool = True) -> Calibration
     plain = transformer.ops.linear
 
     def recording_linear(x, weight, bias=None):
-        name, records = sites.get(id(weight), (None, False))
-        if records:
+        name = sites.get(id(weight))
+        if name is not None:
             rows = x.reshape(-1, x.shape[-1])
             H[name] = H[name] + rows.T @ rows if name in H else rows.T @ rows
             peak = np.abs(rows).max(axis=0)

@@ -193,9 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ops", action="append", metavar="SPEC",
                    help="a schedule to measure, e.g. fused or fused,attention=reference (repeatable; default: every "
                    "preset; `tinyllm ops` lists the names)")
-    b.add_argument("--quantized", action="append", metavar="DIR",
-                   help="also measure a model directory written by `tinyllm quantize` from --model, with the schedule "
-                   "it was written for (repeatable)")
+    _add_quantized_arg(b, "measure", "")
     b.add_argument("--rounds", type=int, default=3, metavar="N", help="timed runs per schedule (default 3)")
     b.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default 128)")
     b.add_argument("--new-tokens", type=int, default=128, metavar="N", help="tokens to decode (default 128)")
@@ -238,12 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bench-json", metavar="FILE",
                    help="take each schedule's decode tokens/s from FILE, written by an earlier `tinyllm bench "
                    "--json` run with the same --ops and reference (steadier than --plot's one short round)")
-    e.add_argument("--quantized", action="append", metavar="DIR",
-                   help="also score a model directory written by `tinyllm quantize` from --model, with the schedule "
-                   "it was written for, against --model's float32 reference (repeatable); e.g. to see what GPTQ "
-                   "rounding buys over the preset's rounding to nearest at load")
+    _add_quantized_arg(e, "score", ", against --model's float32 reference; e.g. to see what GPTQ rounding buys "
+                       "over the preset's rounding to nearest at load")
     e.set_defaults(run=cmd_eval, sets_threads=True)
     return parser
+
+
+def _add_quantized_arg(p, verb: str, more: str) -> None:
+    """--quantized DIR (bench, eval): a row for a `tinyllm quantize` directory beside --model's schedules."""
+    p.add_argument("--quantized", action="append", metavar="DIR",
+                   help=f"also {verb} a model directory written by `tinyllm quantize` from --model, with the schedule "
+                   f"it was written for (repeatable; its row is named SPEC @ DIR){more}")
 
 
 def _generation_options() -> argparse.ArgumentParser:
@@ -391,9 +394,8 @@ def cmd_pull(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .quantize import quantize
-
     from .eval import read_text
+    from .quantize import quantize
 
     text = read_text(args.calibration_text, "--calibration-text") if args.calibration_text else None
     print(quantize(args.model, args.ops, args.out, force=args.force, rounding=args.rounding, smooth=args.smooth,
@@ -500,10 +502,8 @@ def cmd_bench(args) -> int:
 
     plugins = plugins_from_env() + (args.plugin or [])  # each child loads them again
     engines = [bench.tinyllm_engine(s, model, args.prompt_tokens, args.new_tokens, plugins) for s in specs]
-    for directory in args.quantized or []:
-        spec = _quantized_spec(directory, model or default_model_dir())
-        engines.append(bench.tinyllm_engine(spec, directory, args.prompt_tokens, args.new_tokens, plugins,
-                                            name=f"{spec} @ {Path(directory)}"))
+    for label, spec, directory in _quantized_rows(args.quantized, model or default_model_dir()):
+        engines.append(bench.tinyllm_engine(spec, directory, args.prompt_tokens, args.new_tokens, plugins, name=label))
     bench.run(engines, rounds=args.rounds, threads=args.threads, profile=args.profile,
               log=lambda m: print(m, file=sys.stderr))
     bench.report(engines, threads=args.threads, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
@@ -514,10 +514,16 @@ def cmd_bench(args) -> int:
 DEFAULT_EVAL_TOKENS, DEFAULT_EVAL_WINDOW = 4096, 512
 
 
+def _quantized_rows(directories, model) -> list[tuple[str, str, str]]:
+    """--quantized DIR... (eval, bench): (label "SPEC @ DIR", spec, directory) for each directory, the
+    same label in both commands, so that eval --bench-json finds bench's row."""
+    return [(f"{spec} @ {Path(d)}", spec, d) for d in directories or [] for spec in [_quantized_spec(d, model)]]
+
+
 def _quantized_spec(directory, model) -> str:
-    """--quantized DIR (eval, bench): the schedule the `tinyllm quantize` directory DIR was written for,
-    after checking that it was quantised from the model directory `model` (quantize copies config.json
-    and the tokenizer as they are)."""
+    """The schedule the `tinyllm quantize` directory `directory` was written for, after checking that
+    it was quantised from the model directory `model` (quantize copies config.json and the tokenizer
+    as they are)."""
     from .errors import ModelError
     from .loading import read_quantization
 
@@ -555,11 +561,7 @@ def cmd_eval(args) -> int:
     text = evaluation.read_text(args.text) if args.text is not None else evaluation.pydoc_text()
     log = (lambda message: print(message, file=sys.stderr)) if sys.stderr.isatty() else (lambda message: None)
 
-    model_dir = Path(args.model) if args.model is not None else default_model_dir()
-    quantized = []  # (label, spec, model directory); the label is the one `bench --quantized DIR` gives it too
-    for directory in args.quantized or []:
-        spec = _quantized_spec(directory, model_dir)
-        quantized.append((f"{spec} @ {Path(directory)}", spec, directory))
+    quantized = _quantized_rows(args.quantized, args.model if args.model is not None else default_model_dir())
     if args.bench_json:
         speeds = evaluation.speeds_from_bench_json(args.bench_json, specs + [label for label, _, _ in quantized])
     else:

@@ -43,10 +43,9 @@ from .errors import ModelError, TinyLLMError
 RECORD_KEY = "tinyllm.quantization"  # the safetensors metadata key of the record
 RECORD_VERSION = 1
 # How `quantize` chooses each matrix's integer codes (the format's scales are the same either way):
-ROUNDINGS = {
-    "gptq": "GPTQ (ops/gptq.py): codes that keep each projection's outputs close on a calibration text",
-    "nearest": "each weight to its nearest code, the format's own quantise (as llama.cpp does)",
-}
+# "gptq" (ops/gptq.py) keeps each projection's outputs close on a calibration text; "nearest" rounds
+# each weight on its own, the format's own quantise (as llama.cpp does).
+ROUNDINGS = ("gptq", "nearest")
 
 
 def _per_block(n, k):

@@ -197,10 +197,10 @@ def apply(transformer, schedule: Schedule, check_numerics: bool = False) -> None
                 release_pages(a)
     # The embedding is read a row per token, so of its pages (all read once by loading's NaN check)
     # only the rows looked up need to stay, unless a head reads the whole table every step (tied, float32).
-    embedding = transformer.weight_sites[0]
-    if not any(id(embedding.raw) in {id(a) for a in _arrays(getattr(site.owner, site.attr))}
-               for site in transformer.weight_sites[1:]):
-        release_pages(embedding.raw)
+    embedding = next(site.raw for site in transformer.weight_sites if site.op == "embedding")
+    if not any(id(embedding) in {id(a) for a in _arrays(getattr(site.owner, site.attr))}
+               for site in transformer.weight_sites if site.op != "embedding"):
+        release_pages(embedding)
     if check_numerics:  # built after the prepared weights are installed: it recognises layers by them
         from .numerics import CheckedOpTable
 
