@@ -95,3 +95,46 @@ def test_malformed_safetensors_header_entry(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     with pytest.raises(ModelError, match="header entry of tensor 'w' is malformed"):
         load_weights(tmp_path)
+
+
+def test_huge_page_copies_are_exact_read_only_copies_in_one_block(tiny_model_dir):
+    from tinyllm.loading import HUGE_PAGE, _mapping_of, huge_page_copies, in_huge_pages
+
+    mapped = load_weights(tiny_model_dir)["model.embed_tokens.weight"]  # a read-only view of the mapped file
+    made = np.arange(-100, 100, dtype=np.int8).reshape(4, 50)
+    copies = huge_page_copies([mapped, made, mapped])  # the same array twice: copied once
+    assert set(copies) == {id(mapped), id(made)}
+    for original in (mapped, made):
+        copy = copies[id(original)]
+        assert copy.dtype == original.dtype and copy.shape == original.shape
+        np.testing.assert_array_equal(copy, original)
+        assert in_huge_pages(copy) and not in_huge_pages(original) and not copy.flags.writeable
+    assert copies[id(mapped)].ctypes.data % HUGE_PAGE == 0  # the block starts on a 2 MiB boundary
+    assert _mapping_of(copies[id(mapped)]) is _mapping_of(copies[id(made)])
+    assert huge_page_copies([]) == {}
+
+
+def test_every_swap_moves_all_streamed_weights_into_one_new_block(tiny_model_dir):
+    """A block is never left partly used: after each swap every site but the embedding holds weights
+    of one block, the previous block is freed, and the output is that of a fresh load."""
+    import gc
+    import weakref
+
+    import tinyllm
+    from tinyllm.loading import _mapping_of
+    from tinyllm.schedule import _arrays
+
+    def blocks(model):
+        t = model.transformer
+        return {_mapping_of(a) for s in t.weight_sites if s.op != "embedding" for a in _arrays(getattr(s.owner, s.attr))}
+
+    model = tinyllm.load(tiny_model_dir, ops="fused", progress=False)
+    ids = [1, 5, 9, 3]
+    for spec in ("fused,linear=reference", "int8,norm_head=int8", "reference", "fused"):
+        (old,) = blocks(model)
+        old = weakref.ref(old)
+        model.use(spec)
+        gc.collect()
+        (new,) = blocks(model)
+        assert old() is None and new is not None
+        np.testing.assert_array_equal(model.logits(ids), tinyllm.load(tiny_model_dir, ops=spec, progress=False).logits(ids))

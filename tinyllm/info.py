@@ -8,6 +8,7 @@ import numpy as np
 from ops.registry import OPS
 
 from .config import read_json
+from .loading import in_huge_pages
 from .quantize import format_name
 
 
@@ -56,11 +57,16 @@ def _memory(model) -> list[str]:
     loaded = _unique(_loaded_values(model))
     loaded_arrays = [a for v in loaded for a in _arrays_in(v)]
     site_ops = {(id(s.owner), s.attr): s.op for s in model.transformer.weight_sites}
+    # A loaded weight moved into huge pages (tinyllm/loading.py::huge_page_copies) counts as the loaded one.
+    loaded_copy = {copy: a for s in model.transformer.weight_sites for copy, a in s.copied.items()}
     installed = defaultdict(list)  # "op=variant" whose (prepared) weights the model calls it with -> arrays
+    held = {}  # the installed arrays that sit in huge pages (copies of loaded weights, or made), by id
     for owner, name in _weight_fields(model):
         op = site_ops.get((id(owner), name), "unprepared")
         label = f"{op}={model.schedule.choice[op]}" if op in model.schedule.choice else op
-        installed[label] += _arrays_in(getattr(owner, name))
+        arrays = _arrays_in(getattr(owner, name))
+        held.update((id(a), a.nbytes) for a in arrays if in_huge_pages(a))
+        installed[label] += [loaded_copy.get(id(a), a) for a in arrays]
     everything_installed = _unique([a for arrays in installed.values() for a in arrays])
     read = [v for v in loaded if any(np.may_share_memory(a, b) for a in _arrays_in(v) for b in everything_installed)]
     replaced = [v for v in loaded if not any(v is r for r in read)]
@@ -70,6 +76,9 @@ def _memory(model) -> list[str]:
         made = [a for a in _unique(arrays) if not any(np.may_share_memory(a, b) for b in loaded_arrays)]
         lines += [f"  {dtype:<8} {_mib(n)}  made by {label}'s prepare step"
                   for dtype, n in _bytes_by_dtype(made).items()]
+    if held:
+        lines.append(f"  ({_mib(sum(held.values())).strip()} of these sit in one block of 2 MiB pages, copied there when the schedule "
+                     "was applied: decode streams them faster than from the file's 4 KiB pages)")
     if replaced:
         lines.append(f"  (not held: {_mib(sum(map(_nbytes, replaced))).strip()} of loaded weights that prepared "
                      "copies replace; they stay mapped from the file and are read again if a schedule needs them)")

@@ -19,7 +19,7 @@ of what it returns.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,9 @@ class WeightSite:
     ops/quant.py formats. The scheduler replaces `owner.attr` by what the chosen variant's prepare
     step makes of `raw`, and `key` records which preparation it holds. `unquantized`: the float32
     value a quantised `raw` stands for where that is not its dequantised values (a tied head stored
-    quantised: the embedding); None otherwise."""
+    quantised: the embedding); None otherwise. `copied`: for each loaded array of `raw` that the
+    installed value holds as a huge-page copy (tinyllm/loading.py::huge_page_copies), id(copy) -> that
+    loaded array, so `info` can tell a moved weight from one a prepare step made."""
 
     op: str
     owner: object
@@ -57,6 +59,7 @@ class WeightSite:
     raw: object
     key: tuple | None = None
     unquantized: object = None
+    copied: dict = field(default_factory=dict)
 
 
 class KVCache:

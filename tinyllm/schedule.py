@@ -29,7 +29,7 @@ from ops.registry import (COMPOSED, OPS, OpTable, RegistryError, Weights, defaul
                           prepare_argument)
 
 from .errors import TinyLLMError
-from .loading import release_pages
+from .loading import huge_page_copies, release_pages
 from .quantize import for_format
 
 
@@ -181,20 +181,24 @@ def apply(transformer, schedule: Schedule, check_numerics: bool = False) -> None
         if site.key != key:
             try:
                 raw = _raw_for(site, linear.weight_format if v.name == COMPOSED else v.weight_format)
-                changes.append((site, key, prepare_argument(site.op, v, linear, raw)))
+                changes.append((site, key, prepare_argument(site.op, v, linear, raw), {}))
             except Exception as e:  # a plugin's prepare step may fail in any way
                 who = f"{v.label} (its projections by {linear.label})" if v.name == COMPOSED else v.label
                 raise ScheduleError(f"preparing weights for {who} failed: {type(e).__name__}: {e}") from None
-    table = schedule.table()
-    for site, key, prepared in changes:
-        setattr(site.owner, site.attr, prepared)
-        site.key = key
+    for site, _, prepared, _ in changes:
         # Raw tensors the prepared value no longer contains leave resident memory (they stay
-        # mapped from the file, so preparing them again later reads them back).
+        # mapped from the file, so preparing them again later reads them back); the rest leave it
+        # as they are copied into huge pages.
         kept = {id(a) for a in _arrays(prepared)}
         for a in _arrays(site.raw):
             if id(a) not in kept:
                 release_pages(a)
+    if changes:
+        changes = _into_huge_pages(transformer.weight_sites, changes)
+    table = schedule.table()
+    for site, key, prepared, copied in changes:
+        setattr(site.owner, site.attr, prepared)
+        site.key, site.copied = key, copied
     # The embedding is read a row per token, so of its pages (all read once by loading's NaN check)
     # only the rows looked up need to stay, unless a head reads the whole table every step (tied, float32).
     embedding = next(site.raw for site in transformer.weight_sites if site.op == "embedding")
@@ -206,6 +210,30 @@ def apply(transformer, schedule: Schedule, check_numerics: bool = False) -> None
 
         table = CheckedOpTable(schedule.choice, transformer)
     transformer.ops = table
+
+
+def _into_huge_pages(sites, changes) -> list:
+    """`changes` (site, key, prepared, {}) with the weights moved into one new block of 2 MiB pages,
+    and with every other site's weights moved there too.
+
+    Decode streams every weight once per token, and from 2 MiB pages it ran 3-6% faster here than
+    from 4 KiB ones (the file's mapping, small heap arrays): see loading.py::huge_page_copies. All
+    sites move together, so an older block is never left partly used: it is freed once nothing holds
+    it (a swap holds two copies for a moment). Not the embedding: a step reads one row of it, and
+    the rest of its pages can leave resident memory (see apply). The last element of each change
+    becomes the site's `copied` record: id(copy) -> the loaded array it copies."""
+    changed = {id(site) for site, *_ in changes}
+    moving = [(site, key, prepared) for site, key, prepared, _ in changes if site.op != "embedding"]
+    moving += [(site, site.key, getattr(site.owner, site.attr)) for site in sites
+               if site.op != "embedding" and id(site) not in changed]
+    copies = huge_page_copies([a for _, _, value in moving for a in _arrays(value)])
+    moved = []
+    for site, key, value in moving:
+        loaded = {id(a): a for a in _arrays(site.raw)}
+        loaded.update(site.copied)  # an older copy of a loaded array stands for it
+        copied = {id(copies[id(a)]): loaded[id(a)] for a in _arrays(value) if id(a) in loaded}
+        moved.append((site, key, _with_arrays(value, copies), copied))
+    return moved + [change for change in changes if change[0].op == "embedding"]
 
 
 def _raw_for(site, fmt: str):
@@ -228,6 +256,18 @@ def _arrays(value) -> list:
     if isinstance(value, Weights) or dataclasses.is_dataclass(value):
         return [a for v in vars(value).values() for a in _arrays(v)]
     return []
+
+
+def _with_arrays(value, copies: dict[int, np.ndarray]):
+    """`value` (as _arrays reads it) with each of its arrays replaced by copies[id(array)]."""
+    if isinstance(value, np.ndarray):
+        return copies.get(id(value), value)
+    if isinstance(value, Weights):
+        return Weights(**{name: _with_arrays(v, copies) for name, v in vars(value).items()})
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _with_arrays(getattr(value, f.name), copies)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
 
 
 def load_plugins(modules) -> list[str]:
