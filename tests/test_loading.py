@@ -138,3 +138,47 @@ def test_every_swap_moves_all_streamed_weights_into_one_new_block(tiny_model_dir
         (new,) = blocks(model)
         assert old() is None and new is not None
         np.testing.assert_array_equal(model.logits(ids), tinyllm.load(tiny_model_dir, ops=spec, progress=False).logits(ids))
+
+
+def test_converted_and_plugin_weights_are_not_moved(tmp_path, tiny_model_dir):
+    """What moves into huge pages is only what can then leave memory: a float16 checkpoint's tensors,
+    widened to float32 arrays its sites keep, stay where they are (a copy would hold them twice), and
+    a plugin's prepare result is installed as returned (it may hold buffers it writes)."""
+    from dataclasses import dataclass
+
+    import tinyllm
+    from ops import variant
+    from ops.registry import VARIANTS
+    from tinyllm.loading import in_huge_pages, is_mapped
+    from tinyllm.schedule import _arrays
+
+    from tinyllm.schedule import apply, parse
+
+    build_tiny_llama(tmp_path, dtype="float16")
+    t = Transformer.from_dir(tmp_path)
+    apply(t, parse("fused"))
+    mlp = next(s for s in t.weight_sites if s.op == "swiglu_mlp")
+    assert t.layers[0].mlp.gate is mlp.raw.gate and not is_mapped(mlp.raw.gate)
+    assert in_huge_pages(t.layers[0].attn_in.wqkv)  # made by the fused prepare step: moved
+
+    float32 = tinyllm.load(tiny_model_dir, ops="fused", progress=False)
+    assert in_huge_pages(float32.transformer.layers[0].mlp.gate)  # mapped from the file: moved
+
+    @dataclass
+    class WithScratch:
+        weight: np.ndarray
+        scratch: np.ndarray
+
+    def linear_with_scratch(x, w, bias=None):
+        w.scratch[...] = 0  # writes into what its prepare step made
+        return ops.linear.linear(x, w.weight, bias)
+
+    variant("linear", "with_scratch", prepare=lambda w: WithScratch(w, np.zeros(4, np.float32)))(linear_with_scratch)
+    try:
+        float32.use("reference,linear=with_scratch")
+        held = [a for s in float32.transformer.weight_sites if s.op == "linear"
+                for a in _arrays(getattr(s.owner, s.attr))]
+        assert held and not any(in_huge_pages(a) for a in held)
+        float32.logits([1, 2, 3])
+    finally:
+        VARIANTS["linear"].pop("with_scratch")

@@ -69,7 +69,8 @@ class Model:
     # -- which variants run ------------------------------------------------------------------------
     def swap(self, op: str, variant: str) -> None:
         """Run `variant` for `op` from now on (e.g. `model.swap("attention", "reference")`); only the weights
-        whose preparation changes are prepared again."""
+        whose preparation changes are prepared again. The weights then move into a new block of huge
+        pages (schedule.py::_into_huge_pages): a swap copies them all and holds two copies for a moment."""
         self.use(f"{self.schedule.spec},{op}={variant}")
 
     def use(self, ops) -> None:

@@ -113,7 +113,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             return assemble({}, record, path) if record else {}
         with open(path, "rb") as f:
             # The map outlives the file object: every array made from it keeps a reference to it.
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mapped = _WeightFile(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
     out = {}
@@ -218,8 +218,8 @@ def release_pages(array: np.ndarray) -> bool:
     and the array stays valid: reading it again (swapping back to `reference`) faults them back in.
     Whole pages inside the array only; returns False for an array that is not memory-mapped."""
     base = _mapping_of(array)
-    if base is None or isinstance(base, _HugePageBlock) or not hasattr(base, "madvise"):
-        return False
+    if not isinstance(base, _WeightFile) or not hasattr(base, "madvise"):
+        return False  # only our own read-only file maps: any other mapping's pages may not come back
     start = array.ctypes.data - np.frombuffer(base, dtype=np.uint8, count=1).ctypes.data
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # round up: never drop a neighbour's page
     last = (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
@@ -236,9 +236,18 @@ def _mapping_of(array: np.ndarray):
     return base
 
 
+class _WeightFile(mmap.mmap):
+    """A safetensors file mapped read-only by read_safetensors (a type of its own, so that
+    release_pages touches no other mapping)."""
+
+
 class _HugePageBlock(mmap.mmap):
-    """The anonymous memory huge_page_copies puts weights in (a type of its own, so it can be told
-    from a file's mapping)."""
+    """The anonymous memory huge_page_copies puts weights in."""
+
+
+def is_mapped(array: np.ndarray) -> bool:
+    """Whether `array` lies in a weights file mapped by read_safetensors (so its pages can be released)."""
+    return isinstance(_mapping_of(array), _WeightFile)
 
 
 def in_huge_pages(array: np.ndarray) -> bool:
@@ -258,28 +267,33 @@ def huge_page_copies(arrays: list[np.ndarray]) -> dict[int, np.ndarray]:
     under 4 MiB, which NumPy's allocator leaves in small pages) each 4 KiB of a stream needs its own
     page-table entry, and the table walks cost bandwidth: with two copies of the model alternating in
     one process, decode ran 3-4.5% faster (`fused`) and 6% faster (`int8`) from huge pages
-    (benchmarks/RESULTS.md, Memory). Elsewhere (no MADV_HUGEPAGE) the copies are plain memory.
-    The block stays alive while any copy does. A memory-mapped original's pages are released as it
-    is copied (reading it again faults them back in from the file)."""
-    if not arrays:
-        return {}
+    (benchmarks/RESULTS.md, Memory). Where there is no MADV_HUGEPAGE (not Linux) it copies nothing
+    and returns {}. The block stays alive while any copy does. The pages of an original mapped from
+    a weights file are released as it is copied (reading it again faults them back in)."""
+    if not arrays or not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_PRIVATE"):
+        return {}  # not Linux: no huge pages to gain, so no copies
     unique = list({id(a): a for a in arrays}.values())
     sizes = [-(-a.nbytes // _ALIGN) * _ALIGN for a in unique]
     # Private anonymous memory (a shared mapping would be shmem, which keeps 4 KiB pages); the
     # pages arrive on first write.
-    private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
-    block = _HugePageBlock(-1, sum(sizes) + HUGE_PAGE, **private)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    block = _HugePageBlock(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    try:
         block.madvise(mmap.MADV_HUGEPAGE)  # before the first write, so the pages come huge
+    except OSError:  # a kernel built without transparent huge pages
+        block.close()
+        return {}
     raw = np.frombuffer(block, dtype=np.uint8)
     offset = -raw.ctypes.data % HUGE_PAGE  # start on a 2 MiB boundary
     copies = {}
     for a, size in zip(unique, sizes):
-        copy = raw[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
+        column_major = a.flags.f_contiguous and not a.flags.c_contiguous  # keep a transposed layout as it is
+        shape = a.shape[::-1] if column_major else a.shape
+        copy = raw[offset:offset + a.nbytes].view(a.dtype).reshape(shape)
+        copy = copy.T if column_major else copy
         copy[...] = a
         copy.flags.writeable = False  # weights are never written (and Numba compiles read-only arrays apart)
         copies[id(a)] = copy
-        release_pages(a)  # a mapped original leaves resident memory at once: the weights are never held twice
+        release_pages(a)  # a mapped original leaves resident memory at once (a no-op for any other)
         offset += size
     return copies
 

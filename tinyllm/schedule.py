@@ -29,7 +29,7 @@ from ops.registry import (COMPOSED, OPS, OpTable, RegistryError, Weights, defaul
                           prepare_argument)
 
 from .errors import TinyLLMError
-from .loading import huge_page_copies, release_pages
+from .loading import huge_page_copies, in_huge_pages, is_mapped, release_pages
 from .quantize import for_format
 
 
@@ -217,23 +217,44 @@ def _into_huge_pages(sites, changes) -> list:
     and with every other site's weights moved there too.
 
     Decode streams every weight once per token, and from 2 MiB pages it ran 3-6% faster here than
-    from 4 KiB ones (the file's mapping, small heap arrays): see loading.py::huge_page_copies. All
-    sites move together, so an older block is never left partly used: it is freed once nothing holds
-    it (a swap holds two copies for a moment). Not the embedding: a step reads one row of it, and
-    the rest of its pages can leave resident memory (see apply). The last element of each change
-    becomes the site's `copied` record: id(copy) -> the loaded array it copies."""
+    from 4 KiB ones (the file's mapping, small heap arrays): see loading.py::huge_page_copies. What
+    moves: the weights of the built-in variants (a plugin's prepare result is installed as it
+    returns it), and of those only what can then leave memory: weights mapped from the file (their
+    pages are released) and what prepare steps made. A loaded tensor that had to be converted
+    (float16 widened to float32) stays where it is, since its site keeps it to prepare from.
+    All sites move together, so an older block is never left partly used: it is freed once nothing
+    holds it (a swap copies the weights again, and holds two copies for a moment). Not the embedding:
+    a step reads one row of it, and the rest of its pages can leave resident memory (see apply).
+    The last element of each change becomes the site's `copied` record: id(copy) -> the loaded
+    array it copies."""
     changed = {id(site) for site, *_ in changes}
-    moving = [(site, key, prepared) for site, key, prepared, _ in changes if site.op != "embedding"]
-    moving += [(site, site.key, getattr(site.owner, site.attr)) for site in sites
-               if site.op != "embedding" and id(site) not in changed]
-    copies = huge_page_copies([a for _, _, value in moving for a in _arrays(value)])
-    moved = []
+    moving = [(site, key, prepared) for site, key, prepared, _ in changes]
+    moving += [(site, site.key, getattr(site.owner, site.attr)) for site in sites if id(site) not in changed]
+    moving = [m for m in moving if m[0].op != "embedding" and _built_in(m[0].op, m[1])]
+
+    def loaded(site) -> dict:
+        arrays = {id(a): a for a in _arrays(site.raw) + _arrays(site.unquantized)}
+        arrays.update(site.copied)  # an older copy of a loaded array stands for it
+        return arrays
+
+    def movable(a, of_site) -> bool:
+        return id(a) not in of_site or is_mapped(a) or in_huge_pages(a)
+
+    copies = huge_page_copies([a for site, _, value in moving for a in _arrays(value) if movable(a, loaded(site))])
+    moved = {}
     for site, key, value in moving:
-        loaded = {id(a): a for a in _arrays(site.raw)}
-        loaded.update(site.copied)  # an older copy of a loaded array stands for it
-        copied = {id(copies[id(a)]): loaded[id(a)] for a in _arrays(value) if id(a) in loaded}
-        moved.append((site, key, _with_arrays(value, copies), copied))
-    return moved + [change for change in changes if change[0].op == "embedding"]
+        of_site = loaded(site)
+        copied = {id(copies[id(a)]): of_site[id(a)] for a in _arrays(value) if id(a) in of_site and id(a) in copies}
+        moved[id(site)] = (site, key, _with_arrays(value, copies), copied)
+    return [moved.get(id(site), (site, key, prepared, copied)) for site, key, prepared, copied in changes] + \
+        [change for i, change in moved.items() if i not in changed]
+
+
+def _built_in(op: str, key: tuple) -> bool:
+    """Whether the variants a site's key names (its own, and `linear` inside a composed composite)
+    are tinyllm's own (registered by a module of the ops package)."""
+    names = [(op, key[0])] + ([("linear", key[1])] if len(key) > 1 else [])
+    return all(get_variant(o, n).source.split(".")[0] == "ops" for o, n in names)
 
 
 def _raw_for(site, fmt: str):
