@@ -232,18 +232,17 @@ def _into_huge_pages(sites, changes) -> list:
     moving += [(site, site.key, getattr(site.owner, site.attr)) for site in sites if id(site) not in changed]
     moving = [m for m in moving if m[0].op != "embedding" and _built_in(m[0].op, m[1])]
 
-    def loaded(site) -> dict:
-        arrays = {id(a): a for a in _arrays(site.raw) + _arrays(site.unquantized)}
-        arrays.update(site.copied)  # an older copy of a loaded array stands for it
-        return arrays
+    loaded = {}  # id(site) -> its loaded arrays by id, an older copy of one standing for it
+    for site, _, _ in moving:
+        loaded[id(site)] = {id(a): a for a in _arrays(site.raw) + _arrays(site.unquantized)} | site.copied
 
-    def movable(a, of_site) -> bool:
-        return id(a) not in of_site or is_mapped(a) or in_huge_pages(a)
+    def movable(a, site) -> bool:  # what can then leave memory: made by a prepare step, mapped, or an older copy
+        return id(a) not in loaded[id(site)] or is_mapped(a) or in_huge_pages(a)
 
-    copies = huge_page_copies([a for site, _, value in moving for a in _arrays(value) if movable(a, loaded(site))])
+    copies = huge_page_copies([a for site, _, value in moving for a in _arrays(value) if movable(a, site)])
     moved = {}
     for site, key, value in moving:
-        of_site = loaded(site)
+        of_site = loaded[id(site)]
         copied = {id(copies[id(a)]): of_site[id(a)] for a in _arrays(value) if id(a) in of_site and id(a) in copies}
         moved[id(site)] = (site, key, _with_arrays(value, copies), copied)
     return [moved.get(id(site), (site, key, prepared, copied)) for site, key, prepared, copied in changes] + \
