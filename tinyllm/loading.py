@@ -259,6 +259,16 @@ HUGE_PAGE = 2 << 20  # x86-64's large page: one TLB entry covers 2 MiB instead o
 _ALIGN = 64  # each array starts on a cache line
 
 
+def _huge_pages_available() -> bool:
+    """Linux with transparent huge pages not switched off ("[never]" in its sysfs setting)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_PRIVATE"):
+        return False
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return True  # no such file to read: let madvise decide
+
+
 def huge_page_copies(arrays: list[np.ndarray]) -> dict[int, np.ndarray]:
     """Read-only copies of `arrays`, side by side in one block of anonymous memory that Linux backs
     with 2 MiB pages (madvise MADV_HUGEPAGE), keyed by id() of each original (each copied once).
@@ -267,11 +277,11 @@ def huge_page_copies(arrays: list[np.ndarray]) -> dict[int, np.ndarray]:
     under 4 MiB, which NumPy's allocator leaves in small pages) each 4 KiB of a stream needs its own
     page-table entry, and the table walks cost bandwidth: with two copies of the model alternating in
     one process, decode ran 3-4.5% faster (`fused`) and 6% faster (`int8`) from huge pages
-    (benchmarks/RESULTS.md, Memory). Where there is no MADV_HUGEPAGE (not Linux) it copies nothing
-    and returns {}. The block stays alive while any copy does. The pages of an original mapped from
+    (benchmarks/RESULTS.md, Memory). Where there are no huge pages to have (not Linux, or THP
+    switched off) it copies nothing and returns {}. The block stays alive while any copy does. The pages of an original mapped from
     a weights file are released as it is copied (reading it again faults them back in)."""
-    if not arrays or not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_PRIVATE"):
-        return {}  # not Linux: no huge pages to gain, so no copies
+    if not arrays or not _huge_pages_available():
+        return {}  # nothing to gain, so no copies
     unique = list({id(a): a for a in arrays}.values())
     sizes = [-(-a.nbytes // _ALIGN) * _ALIGN for a in unique]
     # Private anonymous memory (a shared mapping would be shmem, which keeps 4 KiB pages); the
