@@ -9,8 +9,11 @@ import ops
 from tests.conftest import build_tiny_llama, relative_error
 from tinyllm.config import Config
 from tinyllm.errors import ModelError
-from tinyllm.loading import load_weights
+from tinyllm.loading import _huge_pages_available, load_weights
 from tinyllm.model import Transformer
+
+# What moves into huge pages is only moved where Linux offers them (elsewhere nothing is copied).
+huge_pages = pytest.mark.skipif(not _huge_pages_available(), reason="no transparent huge pages here")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -97,6 +100,7 @@ def test_malformed_safetensors_header_entry(tmp_path):
         load_weights(tmp_path)
 
 
+@huge_pages
 def test_huge_page_copies_are_exact_read_only_copies_in_one_block(tiny_model_dir):
     from tinyllm.loading import HUGE_PAGE, _mapping_of, huge_page_copies, in_huge_pages
 
@@ -114,6 +118,7 @@ def test_huge_page_copies_are_exact_read_only_copies_in_one_block(tiny_model_dir
     assert huge_page_copies([]) == {}
 
 
+@huge_pages
 def test_every_swap_moves_all_streamed_weights_into_one_new_block(tiny_model_dir):
     """A block is never left partly used: after each swap every site but the embedding holds weights
     of one block, the previous block is freed, and the output is that of a fresh load."""
@@ -140,6 +145,7 @@ def test_every_swap_moves_all_streamed_weights_into_one_new_block(tiny_model_dir
         np.testing.assert_array_equal(model.logits(ids), tinyllm.load(tiny_model_dir, ops=spec, progress=False).logits(ids))
 
 
+@huge_pages
 def test_converted_and_plugin_weights_are_not_moved(tmp_path, tiny_model_dir):
     """What moves into huge pages is only what can then leave memory: a float16 checkpoint's tensors,
     widened to float32 arrays its sites keep, stay where they are (a copy would hold them twice), and
@@ -150,9 +156,7 @@ def test_converted_and_plugin_weights_are_not_moved(tmp_path, tiny_model_dir):
     from ops import variant
     from ops.registry import VARIANTS
     from tinyllm.loading import in_huge_pages, is_mapped
-    from tinyllm.schedule import _arrays
-
-    from tinyllm.schedule import apply, parse
+    from tinyllm.schedule import _arrays, apply, parse
 
     build_tiny_llama(tmp_path, dtype="float16")
     t = Transformer.from_dir(tmp_path)
