@@ -7,7 +7,7 @@ from gguf import quants
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ops.quant import BLOCK, Int8, Q4_0, Q4_1, Q8_0, q8_blocks, round_half_away
+from ops.quant import BLOCK, Int8, Q4_0, Q4_1, Q8_0, q8_blocks, round_activations_q8, round_half_away
 
 GGML_TYPE = {Q8_0: GGML.Q8_0, Q4_0: GGML.Q4_0, Q4_1: GGML.Q4_1}
 
@@ -129,7 +129,7 @@ def test_large_matrices_quantise_in_chunks_like_row_by_row(fmt):
             np.testing.assert_array_equal(getattr(whole, field)[r], getattr(row, field)[0])
 
 
-def integer_case(fmt, rng, N=40, K=512):
+def integer_case(fmt, rng, N=150, K=512):  # N: q8_0's two tiles of 64 rows and part of a third
     """Weights whose format values are integers with unit scales (each block's extremes pin d to 1 and,
     for Q4_1, the minimum to 0) and integer activations: every exact sum is an integer below 2^24."""
     if fmt is Q8_0:
@@ -152,13 +152,34 @@ def test_block_kernels_sum_integers_exactly(fmt_name):
 
     fmt, prepared = PREPARED[fmt_name]
     w, x = integer_case(fmt, np.random.default_rng(5))
-    weight = prepared.of(fmt.quantize(w))
-    assert np.all(weight.d == 1) and (fmt is not Q4_1 or np.all(weight.m == 0))
+    stored = fmt.quantize(w)
+    assert np.all(stored.d == 1) and (fmt is not Q4_1 or np.all(stored.m == 0))
+    weight = prepared.of(stored)
     out = np.empty((1, w.shape[0]), np.float32)
     weight.matvec(x, out)
     exact = x.astype(np.int64) @ w.astype(np.int64).T
     assert np.abs(exact).max() > 2**16  # sums large enough that float32 rounding would show, were there any
     np.testing.assert_array_equal(out, exact.astype(np.float32))
+
+
+@pytest.mark.parametrize("rows", [1, 64, 150])
+def test_q8_0_row_tiles_hold_the_stored_q8_0(rows, monkeypatch):
+    """The q8_0 kernels read the weights repacked, 64 rows side by side: the repacking gives back the
+    stored codes and scales exactly, and prefill, which dequantises tile by tile, dequantises every row
+    (tiles of 64 rows here, so a matrix of 150 has two whole tiles and part of a third)."""
+    import ops.linear
+    from ops.quantized import Q8_0Weight, weights_times_transposed
+
+    rng = np.random.default_rng(rows)
+    stored = Q8_0.quantize(rng.standard_normal((rows, 2 * BLOCK)).astype(np.float32))
+    weight = Q8_0Weight.of(stored)
+    assert weight.shape == stored.shape
+    np.testing.assert_array_equal(weight.fmt.qs, stored.qs)
+    np.testing.assert_array_equal(weight.fmt.d.view(np.uint16), stored.d.view(np.uint16))
+    monkeypatch.setattr(ops.linear, "TILE_BYTES", 100 * 2 * BLOCK * 4)  # 100 rows: tiles of 64
+    x = rng.standard_normal((6, 2 * BLOCK)).astype(np.float32)
+    np.testing.assert_allclose(weights_times_transposed(weight, x), stored.dequantize() @ round_activations_q8(x).T,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.real_model

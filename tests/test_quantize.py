@@ -211,12 +211,17 @@ def test_ops_and_info_say_what_the_directory_holds(block_model_dir, quantized_di
     n = expected_parameters(cfg)
     assert f"parameters: {n:,} " in r.stdout  # a quantised matrix counts its values, the tied head once
     assert "weights in memory (schedule q8_0):" in r.stdout
-    # read as loaded: O, gate, up, down and the head's copy (Q, K and V are read stacked, a copy), each
-    # N x K int8 values and N x K/32 float16 scales
+    # The q8_0 kernels read Q8_0 repacked, 64 rows side by side (ops/quantized.py::row_tiles): every
+    # matrix is copied at load, its rows padded to a multiple of 64; N x K int8 values and N x K/32
+    # scales widened to float32. Nothing of the directory's Q8_0 is read as loaded.
     D, F, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    values = L * (D * cfg["num_attention_heads"] * cfg["head_dim"] + 3 * D * F) + V * D
-    loaded = re.search(r"^  q8_0 .*\(([\d,]+) bytes\)  loaded weights it reads$", r.stdout, re.M)
-    assert loaded and int(loaded.group(1).replace(",", "")) == values + values // BLOCK * 2, r.stdout
+    H, KV = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    pad = lambda rows: -(-rows // 64) * 64  # noqa: E731
+    values = L * (pad(H + 2 * KV) * D + pad(D) * H + 2 * pad(F) * D + pad(D) * F) + pad(V) * D
+    made = {dtype: sum(int(n.replace(",", "")) for n in re.findall(rf"^  {dtype} .*\(([\d,]+) bytes\)  made by", r.stdout, re.M))
+            for dtype in ("int8", "float32")}
+    assert made == {"int8": values, "float32": values // BLOCK * 4}, r.stdout
+    assert not re.search(r"^  q8_0 .*loaded weights it reads$", r.stdout, re.M), r.stdout
 
 
 # ------------------------------------------------------------------------------ bad input
