@@ -18,6 +18,8 @@
   for their next job, and on a machine with no idle core a parallel Numba kernel squeezed between
   BLAS calls waits for a spinning BLAS worker to be descheduled, and vice versa (measured here: a
   decode step of SmolLM2-135M went from 49 to ~360 ms with parallel attention between BLAS calls).
+  A prefill on quantised weights shares the cores another way, without Numba's workers: see
+  ops/threads.py.
 """
 from __future__ import annotations
 

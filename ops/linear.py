@@ -84,6 +84,7 @@ def norm_head(ops, x, w, eps):
 
 from .jit import FEW_ROWS, NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
 from .registry import variant  # noqa: E402
+from .threads import on_workers, product_workers  # noqa: E402
 
 
 @njit(parallel=True)
@@ -134,19 +135,21 @@ def norm_head_fused(x, w, eps):
 # model fits whole (1536 x 576 floats = 3.4 MB), and BLAS runs one call on 1536 rows ~13% faster
 # than three on 512 (1.21 against 1.39 ms on 128 tokens, dequantising included; float32 1.12 ms).
 # The LM head (49152 rows) goes in tiles of this size, never a float32 copy of the whole matrix.
-TILE_BYTES = 4 << 20
-_tile_buffer = np.empty(0, dtype=np.float32)  # kept between calls (see _tile)
+TILE_BYTES = 4 << 20  # in all: each of several workers (ops/threads.py) gets its share
+_tile_buffers: list[np.ndarray] = []  # one per worker (ops/threads.py), kept between calls (see _tile)
 
 
-def _tile(size: int) -> np.ndarray:
-    """A float32 buffer of `size` numbers for dequantised weights, the same memory every call. A fresh
-    4 MiB array each call is fresh pages from the OS whenever glibc has handed the last one back: ~900
-    page faults and the kernel zeroing them, which made a tiled product take up to 1.8x a float32
-    one (2.0 against 1.15 ms, 1536 x 576 by 128 tokens) at random, against 1.1x with the buffer kept."""
-    global _tile_buffer
-    if _tile_buffer.size < size:
-        _tile_buffer = np.empty(size, dtype=np.float32)
-    return _tile_buffer
+def _tile(worker: int, size: int) -> np.ndarray:
+    """Worker `worker`'s float32 buffer of `size` numbers for dequantised weights, the same memory
+    every call. A fresh 4 MiB array each call is fresh pages from the OS whenever glibc has handed the
+    last one back: ~900 page faults and the kernel zeroing them, which made a tiled product take up
+    to 1.8x a float32 one (2.0 against 1.15 ms, 1536 x 576 by 128 tokens) at random, against 1.1x
+    with the buffer kept."""
+    while len(_tile_buffers) <= worker:
+        _tile_buffers.append(np.empty(0, dtype=np.float32))
+    if _tile_buffers[worker].size < size:
+        _tile_buffers[worker] = np.empty(size, dtype=np.float32)
+    return _tile_buffers[worker]
 
 
 def weights_times_transposed(weight, x) -> np.ndarray:
@@ -154,16 +157,26 @@ def weights_times_transposed(weight, x) -> np.ndarray:
     shapes (see ops/mlp.py::swiglu_mlp_prefill). A float32 W goes to BLAS whole. A quantised one
     (ops/quantized.py) in tiles of rows, each dequantised into a float32 buffer that stays in cache,
     (at most TILE_BYTES), so no float32 copy of a large matrix is ever made; x first gets what the
-    format does to activations (q8_0 rounds them per block of 32, as its decode kernels do)."""
+    format does to activations (q8_0 rounds them per block of 32, as its decode kernels do).
+
+    In a prefill with quantised weights (ops/threads.py::split_products) the rows are cut into one
+    part per core, each dequantised and multiplied by its own core with single-threaded BLAS."""
     if isinstance(weight, np.ndarray):
         return weight @ x.T
     x = weight.round_activations(x)
     N, K = weight.shape
     out = np.empty((N, x.shape[0]), dtype=np.float32)
-    align = weight.ROW_ALIGN  # each tile starts where the format's layout can be read from
-    tile_rows = max(align, TILE_BYTES // (4 * max(K, 1)) // align * align)
-    buf = _tile(min(tile_rows, N) * K)
-    for first in range(0, N, tile_rows):
-        rows = weight.dequantize_rows(first, min(tile_rows, N - first), buf)  # (rows, K), a view of buf
-        np.matmul(rows, x.T, out=out[first:first + rows.shape[0]])
+    align = max(weight.ROW_ALIGN, 16)  # each part starts where the format's layout can be read from
+    parts = min(product_workers(), -(-N // align))
+    bounds = [min(N, round(N * i / parts / align) * align) for i in range(parts)] + [N]  # part i: rows bounds[i]..
+    tile_rows = max(align, TILE_BYTES // parts // (4 * max(K, 1)) // align * align)
+
+    def product(part: int):
+        first, end = bounds[part], bounds[part + 1]
+        buf = _tile(part, min(tile_rows, end - first) * K)
+        for first in range(first, end, tile_rows):
+            rows = weight.dequantize_rows(first, min(tile_rows, end - first), buf)  # (rows, K), a view of buf
+            np.matmul(rows, x.T, out=out[first:first + rows.shape[0]])
+
+    on_workers(product, parts)
     return out

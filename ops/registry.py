@@ -284,6 +284,9 @@ class OpTable:
             v = get_variant(name, var_name)
             fn = functools.partial(OPS[name].reference, self) if v.name == COMPOSED else v.fn
             setattr(self, name, fn)
+        # whether any variant reads quantised weights: its prefill then splits the cores itself (ops/threads.py)
+        self.quantized_projections = any(get_variant(name, v).weight_format not in ("fp32", "any")
+                                         for name, v in self.choice.items())
 
 
 def reference_table() -> OpTable:

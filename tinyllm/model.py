@@ -26,6 +26,7 @@ import numpy as np
 
 from ops.registry import OpTable, Weights, reference_table
 from ops.rope import rope_inv_freq, rope_tables
+from ops.threads import split_products
 
 from .config import Config
 from .errors import ModelError, ModelWarning
@@ -229,23 +230,24 @@ class Transformer:
             raise ValueError("start_pos > 0 needs a cache holding the earlier positions")
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
 
-        x = ops.embedding(self.embed, ids)  # (T, D)
-        for i, L in enumerate(self.layers):
-            q, k, v = ops.qkv_rope(x, L.attn_in, cos, sin, eps)  # rmsnorm -> Q/K/V projections -> RoPE
-            if cache is None:
-                keys, values = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (Hkv, T, d)
-            else:
-                cache.k[i, :, start_pos:end] = k.transpose(1, 0, 2)
-                cache.v[i, :, start_pos:end] = v.transpose(1, 0, 2)
-                keys, values = cache.k[i, :, :end], cache.v[i, :, :end]
-            a = ops.attention(q, keys, values, start_pos).reshape(T, cfg.n_heads * d)
-            x, h = ops.add_rmsnorm(x, ops.linear(a, L.wo, L.bo), L.mlp_norm, eps)  # residual, then norm
-            x = ops.add(x, ops.swiglu_mlp(h, L.mlp))  # residual around the SwiGLU MLP
-        if cache is not None:
-            cache.length = end
+        with split_products(ops, T):  # a quantised prefill gives each core its own rows (ops/threads.py)
+            x = ops.embedding(self.embed, ids)  # (T, D)
+            for i, L in enumerate(self.layers):
+                q, k, v = ops.qkv_rope(x, L.attn_in, cos, sin, eps)  # rmsnorm -> Q/K/V projections -> RoPE
+                if cache is None:
+                    keys, values = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # (Hkv, T, d)
+                else:
+                    cache.k[i, :, start_pos:end] = k.transpose(1, 0, 2)
+                    cache.v[i, :, start_pos:end] = v.transpose(1, 0, 2)
+                    keys, values = cache.k[i, :, :end], cache.v[i, :, :end]
+                a = ops.attention(q, keys, values, start_pos).reshape(T, cfg.n_heads * d)
+                x, h = ops.add_rmsnorm(x, ops.linear(a, L.wo, L.bo), L.mlp_norm, eps)  # residual, then norm
+                x = ops.add(x, ops.swiglu_mlp(h, L.mlp))  # residual around the SwiGLU MLP
+            if cache is not None:
+                cache.length = end
 
-        if last_only:
-            x = x[-1:]
-        logits = ops.norm_head(x, self.head, eps)  # final rmsnorm -> LM head
+            if last_only:
+                x = x[-1:]
+            logits = ops.norm_head(x, self.head, eps)  # final rmsnorm -> LM head
         assert logits.dtype == np.float32, f"the forward pass drifted to {logits.dtype}"
         return logits

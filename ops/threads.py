@@ -1,0 +1,86 @@
+"""How a prefill on quantised weights shares the cores: each core dequantises its own rows and runs
+its own single-threaded BLAS product on them.
+
+A quantised weight reaches BLAS as float32 tiles dequantised just before the product
+(ops/linear.py::weights_times_transposed). Left to BLAS's own threads, the tile is written by one
+core and read by all of them. Here (a 2-core VM) reading what the other core has just written is
+sometimes fast and sometimes slow, switching every few seconds to minutes: a q8_0 prefill of 128
+tokens took 280 ms or 450 ms against `fused`'s 240 (0.84x or 0.55x). With each core reading only
+what it wrote, it took 290-350 ms whatever the state (0.71-0.86x over the same minutes).
+
+That needs BLAS held at one thread for the whole forward pass, not only around each product:
+BLAS's idle workers spin for a while after a multi-threaded call, and a core shared with a
+spinning worker made the split products twice as slow (0.48x). So the model's forward pass enters
+`split_products(ops, T)` once; inside it a quantised product asks `product_workers()` how many
+parts to cut its rows into. The float32 products (attention's, `fused`'s) run BLAS as usual
+outside it; inside, attention's run on one thread (measured: it costs ~2% of the prefill).
+
+threadpoolctl sets the BLAS library's thread count: it finds whichever BLAS NumPy loaded (OpenBLAS,
+MKL, BLIS...) and calls that library's own setter, which NumPy does not expose.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+_state = threading.local()  # .workers: how many parts a product is cut into, inside split_products
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_blas = None  # threadpoolctl's controller of the BLAS libraries, made on first use
+
+
+def _blas_controller():
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas = ThreadpoolController().select(user_api="blas")
+    return _blas
+
+
+def blas_threads() -> int:
+    """The thread count BLAS runs products with now (1 if no BLAS library is found)."""
+    return max([lib.num_threads for lib in _blas_controller().lib_controllers], default=1)
+
+
+@contextlib.contextmanager
+def split_products(ops, rows: int):
+    """Around a forward pass of `rows` tokens: if it is a prefill (more rows than decode's few) and
+    the schedule `ops` has quantised projections, hold BLAS at one thread and let each quantised
+    product cut its rows into as many parts as BLAS had threads, one part per core. Otherwise
+    nothing changes."""
+    from .jit import FEW_ROWS
+
+    workers = blas_threads() if rows > FEW_ROWS and getattr(ops, "quantized_projections", False) else 1
+    if workers <= 1:
+        yield
+        return
+    _state.workers = workers
+    try:
+        with _blas_controller().limit(limits=1):
+            yield
+    finally:
+        _state.workers = 1
+
+
+def product_workers() -> int:
+    """How many parts a quantised product cuts its rows into now: 1 outside split_products."""
+    return getattr(_state, "workers", 1)
+
+
+def on_workers(task, parts: int) -> None:
+    """task(0) .. task(parts - 1), part 0 on this thread and the others on pool threads, at once.
+    The work inside (Numba kernels compiled nogil, NumPy's matmul) runs without Python's lock."""
+    global _pool, _pool_size
+    if parts == 1:
+        task(0)
+        return
+    if _pool_size < parts - 1:
+        _pool, _pool_size = ThreadPoolExecutor(parts - 1, thread_name_prefix="tinyllm-product"), parts - 1
+    futures = [_pool.submit(task, i) for i in range(1, parts)]
+    try:
+        task(0)
+    finally:
+        for f in futures:
+            f.result()  # re-raises a worker's exception here
