@@ -171,8 +171,8 @@ def quantized_activations(x):
 
 
 # Q8_0 is stored as llama.cpp lays it out, row by row: qs (N, K/32, 32) int8, a scale per block. Its
-# kernels read it repacked, ROW_TILE rows side by side (llama.cpp's ARM/x86 "repacked" Q4_0/Q8_0
-# types interleave rows the same way): tiles[t, b, i, r] = qs[t·ROW_TILE + r, b, i]. Why: each block
+# kernels read it repacked, ROW_TILE rows side by side (llama.cpp's CPU backend repacks Q4_0 in the
+# same spirit, rows interleaved, e.g. Q4_0_8x8): tiles[t, b, i, r] = qs[t·ROW_TILE + r, b, i]. Why: each block
 # needs its own integer sum before its scale. Row by row, that is a sum across the vector lanes
 # (a horizontal reduction) for every 32 weights. With rows side by side, the lanes are 16 rows, each
 # lane sums its own row's block, and the scale is applied lane by lane. Measured on this machine:
@@ -666,7 +666,8 @@ def _block_examples(op_name):
 
 _DOCS = {
     "int8": "weight-only int8, a scale per output row; activations float32",
-    "q8_0": "llama.cpp's Q8_0 weights; activations rounded per block of 32, exact integer block sums",
+    "q8_0": "llama.cpp's Q8_0 weights, repacked 64 rows side by side; activations rounded per block of 32, "
+            "exact integer block sums",
     "q4_0": "llama.cpp's Q4_0 weights (4 bits, a scale per block of 32); activations float32",
     "q4_1": "llama.cpp's Q4_1 weights (4 bits, a scale and a minimum per block of 32); activations float32",
 }
