@@ -131,11 +131,12 @@ def norm_head_fused(x, w, eps):
 
 # ---------------------------------------------------------------------------------- prefill, any format
 
-# Float32 bytes dequantised per BLAS call for a quantised weight: every projection of the default
-# model fits whole (1536 x 576 floats = 3.4 MB), and BLAS runs one call on 1536 rows ~13% faster
-# than three on 512 (1.21 against 1.39 ms on 128 tokens, dequantising included; float32 1.12 ms).
-# The LM head (49152 rows) goes in tiles of this size, never a float32 copy of the whole matrix.
-TILE_BYTES = 4 << 20  # in all: each of several workers (ops/threads.py) gets its share
+# Float32 bytes dequantised at a time for a quantised weight, shared among the parts a split prefill
+# cuts it into (ops/threads.py): every projection of the default model fits in one BLAS call per
+# part (1536 x 576 floats = 3.4 MB; as one part, one call on 1536 rows ran ~13% faster than three on
+# 512: 1.21 against 1.39 ms on 128 tokens, dequantising included; float32 1.12 ms). The LM head
+# (49152 rows) goes in tiles of this size, never a float32 copy of the whole matrix.
+TILE_BYTES = 4 << 20
 _tile_buffers: list[np.ndarray] = []  # one per worker (ops/threads.py), kept between calls (see _tile)
 
 
@@ -166,7 +167,7 @@ def weights_times_transposed(weight, x) -> np.ndarray:
     x = weight.round_activations(x)
     N, K = weight.shape
     out = np.empty((N, x.shape[0]), dtype=np.float32)
-    align = max(weight.ROW_ALIGN, 16)  # each part starts where the format's layout can be read from
+    align = 16  # rows: each part and tile starts on a multiple of 16, which BLAS blocks evenly
     parts = min(product_workers(), -(-N // align))
     bounds = [min(N, round(N * i / parts / align) * align) for i in range(parts)] + [N]  # part i: rows bounds[i]..
     tile_rows = max(align, TILE_BYTES // parts // (4 * max(K, 1)) // align * align)

@@ -8,7 +8,8 @@ float32, since Numba has no float16 arithmetic on CPUs) plus the kernels that re
     w.matvec(x, out)             out = x @ W^T for a few rows (decode): W is streamed once
     w.gate_up(h, up, out)        out = silu(h @ W^T) * (h @ Wup^T), both streamed in one pass
     w.qkv_rope_decode(...)       one token: rmsnorm, the stacked Q/K/V rows, bias and RoPE
-    w.dequantize_rows(first, n, buf)   n rows of W as float32, in buf: prefill feeds BLAS tile by tile
+    w.dequantize_rows(first, n, buf)   rows first..first+n of W as float32, an (n, K) view of buf
+                                 (q8_0's: a transposed one): prefill feeds BLAS tile by tile
     w.round_activations(x)       what the format does to activations (only q8_0 rounds them)
 
 Every matrix-vector kernel of a format is built on one function, that format's dot product of an
@@ -24,9 +25,10 @@ activation row with weight row j (`int8_dot`, `q4_dot`), or with a tile of 64 ro
   computed once per activation row, not once per weight row.
 
 Three things decide whether the compiler turns these loops into 16-lane AVX-512 code (each cost
-5-10x here when wrong): the block's inner loop must run to a bound read from an array's shape, not
-the constant 32 (a constant loop is unrolled first, and the vectoriser then takes the *block* loop,
-gathering values 32 apart); indices it can prove non-negative (Numba wraps negative indices, and
+5-10x here when wrong): in a row-by-row kernel the block's inner loop must run to a bound read from
+an array's shape, not the constant 32 (a constant loop is unrolled first, and the vectoriser then
+takes the *block* loop, gathering values 32 apart; q8_0's tiles use that on purpose, to vectorise
+the loop over rows around it); indices it can prove non-negative (Numba wraps negative indices, and
 `x[b*32 + i]` defeats that proof: so activations arrive reshaped into blocks, `x[b, i]`); and
 32-bit lanes (Numba types int8·int8 as int64, 8 lanes a register: so integer products are made in
 float32, where they are exact, see q8_0_tile_dot).
@@ -121,8 +123,6 @@ class Int8Weight:
     def qkv_rope_decode(self, x, norm, bqkv, cos, sin, eps, n_q, n_kv, out):
         qkv_rope_decode_int8(x, norm, self.fmt.q, self.fmt.scale, bqkv, cos, sin, eps, n_q, n_kv, out)
 
-    ROW_ALIGN = 1
-
     def dequantize_rows(self, first, n, buf):
         out = buf[:n * self.shape[1]].reshape(n, -1)
         dequantize_int8_rows(self.fmt.q, self.fmt.scale, first, out)
@@ -178,7 +178,9 @@ def quantized_activations(x):
 # lane sums its own row's block, and the scale is applied lane by lane. Measured on this machine:
 # 1.2-1.4x faster per projection than the row-by-row kernel (1536 x 576: 30 against 38-42 us;
 # the 49152-row head: 0.76-0.82 against 1.02-1.10 ms), with bit-identical results.
-ROW_TILE = 64  # rows per tile: 64 ran 1.15-1.37x the row-by-row kernel, 32 only 0.96-1.16x
+# Rows per tile: 64 ran 1.15-1.37x the row-by-row kernel, 32 only 0.96-1.16x. Decode runs a tile per
+# thread at a time, so a 576-row matrix (9 tiles) keeps at most 9 threads busy: enough here (2 cores).
+ROW_TILE = 64
 
 
 def row_tiles(qs: np.ndarray, d: np.ndarray):
@@ -196,28 +198,21 @@ def q8_0_tile_dot(x, xd, w, d, out):
     """out[r] = sum over blocks b of (d[b, r] · xd[b]) · Σ_i w[b, i, r] · x[b, i], for the rows r of
     one tile (w: (K/32, 32, ROW_TILE) codes, d: (K/32, ROW_TILE) scales; x: (K/32, 32)).
 
-    The loop over r is the one vectorised, 16 rows a register: so the 32 products of a block are
-    written out, not looped over (the compiler would vectorise a loop over i instead, across one
-    row's block, and need the horizontal sum this layout avoids). For q8_0, x holds integer levels:
-    each product is an integer of magnitude at most 127 · 127 and a block's sum at most 32 times that,
-    516128 < 2^24, so every partial sum is exact in float32 and the block sum is llama.cpp's int32
-    sum bit for bit. (Numba would type int8 · int8 as int64: half as many lanes.)"""
+    The loop over r is the one vectorised, 16 rows a register. That is why the loop over i runs to
+    the constant BLOCK: the compiler unrolls a constant loop first, then vectorises the loop around
+    it (the row-by-row kernels avoid a constant bound for the same reason, see the module
+    docstring). For q8_0, x holds integer levels: each product is an integer of magnitude at most
+    127 · 127 and a block's sum at most 32 times that, 516128 < 2^24, so every partial sum is exact
+    in float32 and the block sum is llama.cpp's int32 sum bit for bit. (Numba would type
+    int8 · int8 as int64: half as many lanes.)"""
     for r in range(out.shape[0]):
         out[r] = 0
     for b in range(d.shape[0]):
         xb, wb, scale = x[b], w[b], d[b]
         for r in range(out.shape[0]):  # the last tile's zero rows beyond N are skipped: out is shorter
-            s = (xb[0] * np.float32(wb[0, r]) + xb[1] * np.float32(wb[1, r]) + xb[2] * np.float32(wb[2, r])
-                 + xb[3] * np.float32(wb[3, r]) + xb[4] * np.float32(wb[4, r]) + xb[5] * np.float32(wb[5, r])
-                 + xb[6] * np.float32(wb[6, r]) + xb[7] * np.float32(wb[7, r]) + xb[8] * np.float32(wb[8, r])
-                 + xb[9] * np.float32(wb[9, r]) + xb[10] * np.float32(wb[10, r]) + xb[11] * np.float32(wb[11, r])
-                 + xb[12] * np.float32(wb[12, r]) + xb[13] * np.float32(wb[13, r]) + xb[14] * np.float32(wb[14, r])
-                 + xb[15] * np.float32(wb[15, r]) + xb[16] * np.float32(wb[16, r]) + xb[17] * np.float32(wb[17, r])
-                 + xb[18] * np.float32(wb[18, r]) + xb[19] * np.float32(wb[19, r]) + xb[20] * np.float32(wb[20, r])
-                 + xb[21] * np.float32(wb[21, r]) + xb[22] * np.float32(wb[22, r]) + xb[23] * np.float32(wb[23, r])
-                 + xb[24] * np.float32(wb[24, r]) + xb[25] * np.float32(wb[25, r]) + xb[26] * np.float32(wb[26, r])
-                 + xb[27] * np.float32(wb[27, r]) + xb[28] * np.float32(wb[28, r]) + xb[29] * np.float32(wb[29, r])
-                 + xb[30] * np.float32(wb[30, r]) + xb[31] * np.float32(wb[31, r]))
+            s = np.float32(0.0)
+            for i in range(BLOCK):  # a constant: unrolled, 32 products a row
+                s += xb[i] * np.float32(wb[i, r])
             out[r] += s * (scale[r] * xd[b])
 
 
@@ -266,17 +261,19 @@ def qkv_rope_decode_q8_0(x, norm, w, d, bqkv, cos, sin, eps, n_q, n_kv, out):
 
 
 @njit
-def dequantize_q8_0_tiles(w, d, first_tile, out):
-    """Q8_0.dequantize of the rows of tiles first_tile..., written transposed: out (K, rows) = W^T,
-    so each tile's rows are read and written contiguously (into rows order: 4-5x slower here)."""
+def dequantize_q8_0_tiles(w, d, first, out):
+    """Q8_0.dequantize of rows first .. first + n - 1, written transposed: out (K, n) = W^T, so each
+    tile's rows are read and written contiguously (into row order: 4-5x slower here)."""
     R = w.shape[3]
-    for t in range((out.shape[1] + R - 1) // R):
-        tile = first_tile + t
+    for tile in range(first // R, (first + out.shape[1] + R - 1) // R):
+        lo = max(first, tile * R) - tile * R  # the tile's rows wanted: lo .. hi - 1
+        hi = min(first + out.shape[1], (tile + 1) * R) - tile * R
         for b in range(w.shape[1]):
             for i in range(w.shape[2]):
-                o = out[b * BLOCK + i, t * R:(t + 1) * R]
+                o = out[b * BLOCK + i, tile * R + lo - first:tile * R + hi - first]
+                codes, scales = w[tile, b, i, lo:hi], d[tile, b, lo:hi]
                 for r in range(o.shape[0]):
-                    o[r] = np.float32(w[tile, b, i, r]) * d[tile, b, r]
+                    o[r] = np.float32(codes[r]) * scales[r]
 
 
 @dataclass(frozen=True)
@@ -314,11 +311,9 @@ class Q8_0Weight:
     def qkv_rope_decode(self, x, norm, bqkv, cos, sin, eps, n_q, n_kv, out):
         qkv_rope_decode_q8_0(x, norm, self.tiles, self.d, bqkv, cos, sin, eps, n_q, n_kv, out)
 
-    ROW_ALIGN = ROW_TILE  # dequantize_rows starts at a tile
-
     def dequantize_rows(self, first, n, buf):
         out = buf[:n * self.shape[1]].reshape(self.shape[1], n)
-        dequantize_q8_0_tiles(self.tiles, self.d, first // ROW_TILE, out)
+        dequantize_q8_0_tiles(self.tiles, self.d, first, out)
         return out.T  # BLAS reads the transposed operand as fast (1.19 against 1.17 ms, 1536 x 576 x 128)
 
     ROUNDS_ACTIVATIONS = True
@@ -455,8 +450,6 @@ class Q4Weight:
 
     def qkv_rope_decode(self, x, norm, bqkv, cos, sin, eps, n_q, n_kv, out):
         qkv_rope_decode_q4(x, norm, self.fmt.qs, self.d, self.m, bqkv, cos, sin, eps, n_q, n_kv, out)
-
-    ROW_ALIGN = 1
 
     def dequantize_rows(self, first, n, buf):
         out = buf[:n * self.shape[1]].reshape(n, -1)

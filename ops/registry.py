@@ -284,9 +284,10 @@ class OpTable:
             v = get_variant(name, var_name)
             fn = functools.partial(OPS[name].reference, self) if v.name == COMPOSED else v.fn
             setattr(self, name, fn)
-        # whether any variant reads quantised weights: its prefill then splits the cores itself (ops/threads.py)
-        self.quantized_projections = any(get_variant(name, v).weight_format not in ("fp32", "any")
-                                         for name, v in self.choice.items())
+        # whether the projections read quantised weights: their prefill then splits the cores itself
+        # (ops/threads.py). A quantised head alone does not count: the prefill's last row is all it reads.
+        self.quantized_projections = any(get_variant(name, self.choice[name]).weight_format not in ("fp32", "any")
+                                         for name in ("linear", "qkv_rope", "swiglu_mlp") if name in self.choice)
 
 
 def reference_table() -> OpTable:

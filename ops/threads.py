@@ -12,8 +12,12 @@ That needs BLAS held at one thread for the whole forward pass, not only around e
 BLAS's idle workers spin for a while after a multi-threaded call, and a core shared with a
 spinning worker made the split products twice as slow (0.48x). So the model's forward pass enters
 `split_products(ops, T)` once; inside it a quantised product asks `product_workers()` how many
-parts to cut its rows into. The float32 products (attention's, `fused`'s) run BLAS as usual
-outside it; inside, attention's run on one thread (measured: it costs ~2% of the prefill).
+parts to cut its rows into. Only schedules whose projections are quantised enter it (`fused` runs
+BLAS as usual); inside, attention's float32 products run on one thread (measured: ~2% of a
+128-token prefill; attention's share grows with the prompt's length).
+
+One forward pass at a time per process: the parts' tile buffers (ops/linear.py::_tile), the pool
+and BLAS's thread count are the process's, as BLAS's own threads are.
 
 threadpoolctl sets the BLAS library's thread count: it finds whichever BLAS NumPy loaded (OpenBLAS,
 MKL, BLIS...) and calls that library's own setter, which NumPy does not expose.
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 _state = threading.local()  # .workers: how many parts a product is cut into, inside split_products
 _pool: ThreadPoolExecutor | None = None
@@ -82,5 +86,6 @@ def on_workers(task, parts: int) -> None:
     try:
         task(0)
     finally:
-        for f in futures:
-            f.result()  # re-raises a worker's exception here
+        wait(futures)  # all of them, even when one failed: none may still write its buffer afterwards
+    for f in futures:
+        f.result()  # re-raises a worker's exception here

@@ -166,7 +166,7 @@ def test_block_kernels_sum_integers_exactly(fmt_name):
 def test_q8_0_row_tiles_hold_the_stored_q8_0(rows, monkeypatch):
     """The q8_0 kernels read the weights repacked, 64 rows side by side: the repacking gives back the
     stored codes and scales exactly, and prefill, which dequantises tile by tile, dequantises every row
-    (tiles of 64 rows here, so a matrix of 150 has two whole tiles and part of a third)."""
+    (BLAS tiles of 96 rows here: the second starts in the middle of the layout's second 64-row tile)."""
     import ops.linear
     from ops.quantized import Q8_0Weight, weights_times_transposed
 
@@ -176,7 +176,7 @@ def test_q8_0_row_tiles_hold_the_stored_q8_0(rows, monkeypatch):
     assert weight.shape == stored.shape
     np.testing.assert_array_equal(weight.fmt.qs, stored.qs)
     np.testing.assert_array_equal(weight.fmt.d.view(np.uint16), stored.d.view(np.uint16))
-    monkeypatch.setattr(ops.linear, "TILE_BYTES", 100 * 2 * BLOCK * 4)  # 100 rows: tiles of 64
+    monkeypatch.setattr(ops.linear, "TILE_BYTES", 100 * 2 * BLOCK * 4)  # 100 rows: tiles of 96
     x = rng.standard_normal((6, 2 * BLOCK)).astype(np.float32)
     np.testing.assert_allclose(weights_times_transposed(weight, x), stored.dequantize() @ round_activations_q8(x).T,
                                rtol=1e-5, atol=1e-5)
