@@ -13,21 +13,24 @@ float32, since Numba has no float16 arithmetic on CPUs) plus the kernels that re
     w.round_activations(x)       what the format does to activations (only q8_0 rounds them)
 
 Every matrix-vector kernel of a format is built on one function, that format's dot product of an
-activation row with weight row j (`int8_dot`, `q4_dot`), or with a tile of 64 rows side by side
-(`q8_0_tile_dot`, for the LM head too), so compare those to see what each format costs per weight:
+activation row with weight row j (`int8_dot`), or, for the block formats, with a tile of 64 rows
+side by side (`q8_0_tile_dot`, for the LM head too, and `q4_tile_dot`), so compare those to see
+what each format costs per weight:
 
 - int8: one float multiply-add per weight, the scale applied once per row.
 - q8_0: the activations are rounded to int8 levels per block of 32 first (llama.cpp's way), then
-  each block is an integer dot product, summed exactly, scaled once by d_w · d_x. Its weights are
-  repacked at load, 64 rows side by side, so that a block's sum needs no sum across vector lanes.
+  each block is an integer dot product, summed exactly, scaled once by d_w · d_x.
 - q4_0 / q4_1: both read as w = d·q + m with q in [0, 15] (q4_0: m = -8·d), so a block's dot
   product is d · Σ q·x + m · Σ x: the nibbles are multiplied as they are, and Σ x per block is
   computed once per activation row, not once per weight row.
 
+The block formats are repacked at load, 64 rows side by side (row_tiles, below): each vector lane
+then holds one row, and a block's sum needs no sum across the lanes before its scale.
+
 Three things decide whether the compiler turns these loops into 16-lane AVX-512 code (each cost
 5-10x here when wrong): in a row-by-row kernel the block's inner loop must run to a bound read from
 an array's shape, not the constant 32 (a constant loop is unrolled first, and the vectoriser then
-takes the *block* loop, gathering values 32 apart; q8_0's tiles use that on purpose, to vectorise
+takes the *block* loop, gathering values 32 apart; the row tiles use that on purpose, to vectorise
 the loop over rows around it); indices it can prove non-negative (Numba wraps negative indices, and
 `x[b*32 + i]` defeats that proof: so activations arrive reshaped into blocks, `x[b, i]`); and
 32-bit lanes (Numba types int8·int8 as int64, 8 lanes a register: so integer products are made in
@@ -183,14 +186,22 @@ def quantized_activations(x):
 ROW_TILE = 64
 
 
-def row_tiles(qs: np.ndarray, d: np.ndarray):
-    """(N, K/32, 32) codes, (N, K/32) scales -> (tiles, K/32, 32, ROW_TILE), (tiles, K/32, ROW_TILE):
-    rows side by side, zero rows after the last (N need not be a multiple of ROW_TILE)."""
-    pad = -qs.shape[0] % ROW_TILE
-    qs = np.pad(qs, ((0, pad), (0, 0), (0, 0)))
-    d = np.pad(d.astype(np.float32), ((0, pad), (0, 0)))
-    tiles = qs.reshape(-1, ROW_TILE, qs.shape[1], BLOCK).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(tiles), np.ascontiguousarray(d.reshape(-1, ROW_TILE, d.shape[1]).transpose(0, 2, 1))
+def row_tiles(codes: np.ndarray, *scales: np.ndarray):
+    """(N, K/32, W) codes (W bytes a block), and (N, K/32) scales -> (tiles, K/32, W, ROW_TILE) codes
+    and (tiles, K/32, ROW_TILE) float32 scales: rows side by side, zero rows after the last (N need not
+    be a multiple of ROW_TILE). q8_0 and the 4-bit formats share it."""
+    pad = -codes.shape[0] % ROW_TILE
+    codes = np.pad(codes, ((0, pad), (0, 0), (0, 0)))
+    tiles = codes.reshape(-1, ROW_TILE, *codes.shape[1:]).transpose(0, 2, 3, 1)
+    scales = [np.pad(a.astype(np.float32), ((0, pad), (0, 0))) for a in scales]
+    return (np.ascontiguousarray(tiles), *(np.ascontiguousarray(a.reshape(-1, ROW_TILE, a.shape[1]).transpose(0, 2, 1))
+                                            for a in scales))
+
+
+def untiled(tiles: np.ndarray, rows: int) -> np.ndarray:
+    """row_tiles undone for codes or scales: (tiles, K/32, [W,] ROW_TILE) -> (rows, K/32[, W])."""
+    t = np.moveaxis(tiles, -1, 1)
+    return np.ascontiguousarray(t.reshape(-1, *t.shape[2:])[:rows])
 
 
 @njit(inline="always")
@@ -297,10 +308,7 @@ class Q8_0Weight:
     def fmt(self) -> Q8_0:
         """The Q8_0 it holds, row by row again (for the quantised reference: widening float16 to
         float32 and back is exact)."""
-        nb = self.d.shape[1]
-        qs = self.tiles.transpose(0, 3, 1, 2).reshape(-1, nb, BLOCK)[:self.rows]
-        d = self.d.transpose(0, 2, 1).reshape(-1, nb)[:self.rows]
-        return Q8_0(d.astype(np.float16), np.ascontiguousarray(qs))
+        return Q8_0(untiled(self.d, self.rows).astype(np.float16), untiled(self.tiles, self.rows))
 
     def matvec(self, x, out):
         matvec_q8_0(np.ascontiguousarray(x), self.tiles, self.d, out)
@@ -358,103 +366,127 @@ def block_sums(x):
     return xs
 
 
-def halves(x):
-    """(T, K) -> (T, K/32, 2, 16): each block's two halves, as a 4-bit block's bytes pair them."""
-    return x.reshape(x.shape[0], -1, 2, BLOCK // 2)
-
-
 @njit(inline="always")
-def q4_dot(x, xs, qs, d, m, j):
-    """sum over blocks b of d[j, b] · Σ_i q_i · x_i + m[j, b] · xs[b], x in blocks (K/32, 2, 16).
+def q4_tile_dot(x, xs, w, d, m, out):
+    """out[r] = sum over blocks b of d[b, r] · Σ_i q_i · x_i + m[b, r] · xs[b], for the rows r of one
+    tile (w: (K/32, 16, ROW_TILE) bytes; d, m: (K/32, ROW_TILE); x in half-blocks (K/32, 2, 16)).
 
     Byte i of a block holds element i (low nibble) and element i + 16 (high nibble), so one pass
     over the 16 bytes reads the block's two halves x[b, 0] and x[b, 1]. The nibbles are split in
     float32 (hi = floor(v / 16), lo = v - 16·hi, both exact): integer & and >> would be typed int64
-    by Numba, 8 lanes a register instead of 16."""
-    acc = np.float32(0.0)
-    for b in range(xs.shape[0]):
-        s = np.float32(0.0)
-        for i in range(x.shape[2]):  # 16, read from the shape: see the module docstring
-            v = np.float32(qs[j, b, i])
-            hi = np.floor(v * np.float32(0.0625))
-            s += (v - np.float32(16.0) * hi) * x[b, 0, i] + hi * x[b, 1, i]
-        acc += d[j, b] * s + m[j, b] * xs[b]
-    return acc
+    by Numba, 8 lanes a register instead of 16. As in q8_0_tile_dot, the loop over r is vectorised:
+    the loop over the bytes runs to a constant and is unrolled."""
+    for r in range(out.shape[0]):
+        out[r] = 0
+    for b in range(d.shape[0]):
+        lo_x, hi_x, wb = x[b, 0], x[b, 1], w[b]
+        for r in range(out.shape[0]):
+            s = np.float32(0.0)
+            for i in range(BLOCK // 2):  # a constant: unrolled, 16 bytes (32 weights) a row
+                v = np.float32(wb[i, r])
+                hi = np.floor(v * np.float32(0.0625))
+                s += (v - np.float32(16.0) * hi) * lo_x[i] + hi * hi_x[i]
+            out[r] += d[b, r] * s + m[b, r] * xs[b]
 
 
 @njit(parallel=True)
-def matvec_q4_rows(x, qs, d, m, out):
+def matvec_q4_tiles(x, w, d, m, out):
     """x (T, K), contiguous: seen as half-blocks (T, K/32, 2, 16), with its block sums."""
     xs, xh = block_sums(x), x.reshape(x.shape[0], -1, 2, BLOCK // 2)
-    for j in prange(qs.shape[0]):
+    R = w.shape[3]
+    for tile in prange(w.shape[0]):
         for t in range(x.shape[0]):
-            out[t, j] = q4_dot(xh[t], xs[t], qs, d, m, j)
+            q4_tile_dot(xh[t], xs[t], w[tile], d[tile], m[tile], out[t, tile * R:(tile + 1) * R])
 
 
 @njit(parallel=True)
-def gate_up_q4_rows(h, gate_qs, gate_d, gate_m, up_qs, up_d, up_m, out):
+def gate_up_q4_tiles(h, gate_w, gate_d, gate_m, up_w, up_d, up_m, out):
     hs, hh = block_sums(h), h.reshape(h.shape[0], -1, 2, BLOCK // 2)
-    for j in prange(gate_qs.shape[0]):
+    R = gate_w.shape[3]
+    for tile in prange(gate_w.shape[0]):
+        u = np.empty(R, dtype=np.float32)
         for t in range(h.shape[0]):
-            out[t, j] = silu_scalar(q4_dot(hh[t], hs[t], gate_qs, gate_d, gate_m, j)) * q4_dot(
-                hh[t], hs[t], up_qs, up_d, up_m, j)
+            g = out[t, tile * R:(tile + 1) * R]
+            q4_tile_dot(hh[t], hs[t], gate_w[tile], gate_d[tile], gate_m[tile], g)
+            q4_tile_dot(hh[t], hs[t], up_w[tile], up_d[tile], up_m[tile], u[:g.shape[0]])
+            for r in range(g.shape[0]):
+                g[r] = silu_scalar(g[r]) * u[r]
 
 
 @njit(parallel=True)
-def qkv_rope_decode_q4(x, norm, qs, d, m, bqkv, cos, sin, eps, n_q, n_kv, out):
+def qkv_rope_decode_q4(x, norm, w, d, m, bqkv, cos, sin, eps, n_q, n_kv, out):
     h = _normalised(x, norm, eps)
     hs = block_sums(h.reshape(1, -1))
-    for j in prange(qs.shape[0]):
-        out[j] = q4_dot(h.reshape(-1, 2, BLOCK // 2), hs[0], qs, d, m, j)
+    hh = h.reshape(-1, 2, BLOCK // 2)
+    R = w.shape[3]
+    for tile in prange(w.shape[0]):
+        q4_tile_dot(hh, hs[0], w[tile], d[tile], m[tile], out[tile * R:(tile + 1) * R])
     _bias_and_rope(out, bqkv, cos, sin, n_q, n_kv)
 
 
 @njit
-def dequantize_q4_rows(qs, d, m, first, out):
-    """Q4_0/Q4_1.dequantize, row by row: out = d · q + m (for q4_0, m = -8·d: the same values as
-    its d · (q - 8), as an exact fused multiply-add rounds them), out in half-blocks
-    (rows, K/32, 2, 16), the nibbles split as in q4_dot."""
-    for i in range(out.shape[0]):
-        for b in range(out.shape[1]):
-            scale, low = d[first + i, b], m[first + i, b]
-            for k in range(out.shape[3]):
-                v = np.float32(qs[first + i, b, k])
-                hi = np.floor(v * np.float32(0.0625))
-                out[i, b, 0, k] = scale * (v - np.float32(16.0) * hi) + low
-                out[i, b, 1, k] = scale * hi + low
+def dequantize_q4_tiles(w, d, m, first, out):
+    """Q4_0/Q4_1.dequantize of rows first .. first + n - 1, transposed as dequantize_q8_0_tiles
+    writes them: out (K, n) = W^T, out = d · q + m (for q4_0, m = -8·d: the same values as its
+    d · (q - 8), as an exact fused multiply-add rounds them), the nibbles split as in q4_tile_dot."""
+    R = w.shape[3]
+    for tile in range(first // R, (first + out.shape[1] + R - 1) // R):
+        lo = max(first, tile * R) - tile * R  # the tile's rows wanted: lo .. hi - 1
+        hi = min(first + out.shape[1], (tile + 1) * R) - tile * R
+        for b in range(w.shape[1]):
+            scales, lows = d[tile, b, lo:hi], m[tile, b, lo:hi]
+            for i in range(w.shape[2]):
+                low_half = out[b * BLOCK + i, tile * R + lo - first:tile * R + hi - first]
+                high_half = out[b * BLOCK + BLOCK // 2 + i, tile * R + lo - first:tile * R + hi - first]
+                codes = w[tile, b, i, lo:hi]
+                for r in range(low_half.shape[0]):
+                    v = np.float32(codes[r])
+                    nib = np.floor(v * np.float32(0.0625))
+                    low_half[r] = scales[r] * (v - np.float32(16.0) * nib) + lows[r]
+                    high_half[r] = scales[r] * nib + lows[r]
 
 
 @dataclass(frozen=True)
 class Q4Weight:
     """A Q4_0 or Q4_1 matrix as the kernels read it: w = d·q + m per block, q in [0, 15] packed two
-    a byte, d and m (N, K/32) float32. For Q4_0, w = d·(q - 8), so m = -8·d (exact: a power of 2)."""
+    a byte, in row tiles as q8_0's (row_tiles), d and m float32. For Q4_0, w = d·(q - 8), so
+    m = -8·d (exact: a power of 2). `fmt` gives back the stored format."""
 
-    fmt: Q4_0 | Q4_1
-    d: np.ndarray
-    m: np.ndarray
+    tiles: np.ndarray  # (tiles, K/32, 16, ROW_TILE) uint8
+    d: np.ndarray  # (tiles, K/32, ROW_TILE) float32
+    m: np.ndarray  # (tiles, K/32, ROW_TILE) float32
+    rows: int  # N: the tiles hold zero rows beyond it
+    has_minimum: bool  # Q4_1 (a stored minimum per block), not Q4_0
 
     @classmethod
     def of(cls, fmt) -> "Q4Weight":
         d = fmt.d.astype(np.float32)
-        return cls(fmt, d, -8 * d if isinstance(fmt, Q4_0) else fmt.m.astype(np.float32))
+        m = fmt.m if isinstance(fmt, Q4_1) else -8 * d
+        return cls(*row_tiles(fmt.qs, d, m), fmt.shape[0], isinstance(fmt, Q4_1))
 
     @property
     def shape(self):
-        return self.fmt.shape
+        return self.rows, self.d.shape[1] * BLOCK
+
+    @property
+    def fmt(self) -> Q4_0 | Q4_1:
+        """The Q4_0 or Q4_1 it holds, row by row again (float16 -> float32 -> float16 is exact)."""
+        d, qs = untiled(self.d, self.rows).astype(np.float16), untiled(self.tiles, self.rows)
+        return Q4_1(d, untiled(self.m, self.rows).astype(np.float16), qs) if self.has_minimum else Q4_0(d, qs)
 
     def matvec(self, x, out):
-        matvec_q4_rows(np.ascontiguousarray(x), self.fmt.qs, self.d, self.m, out)
+        matvec_q4_tiles(np.ascontiguousarray(x), self.tiles, self.d, self.m, out)
 
     def gate_up(self, h, up: "Q4Weight", out):
-        gate_up_q4_rows(np.ascontiguousarray(h), self.fmt.qs, self.d, self.m, up.fmt.qs, up.d, up.m, out)
+        gate_up_q4_tiles(np.ascontiguousarray(h), self.tiles, self.d, self.m, up.tiles, up.d, up.m, out)
 
     def qkv_rope_decode(self, x, norm, bqkv, cos, sin, eps, n_q, n_kv, out):
-        qkv_rope_decode_q4(x, norm, self.fmt.qs, self.d, self.m, bqkv, cos, sin, eps, n_q, n_kv, out)
+        qkv_rope_decode_q4(x, norm, self.tiles, self.d, self.m, bqkv, cos, sin, eps, n_q, n_kv, out)
 
     def dequantize_rows(self, first, n, buf):
-        out = buf[:n * self.shape[1]].reshape(n, -1)
-        dequantize_q4_rows(self.fmt.qs, self.d, self.m, first, halves(out))
-        return out
+        out = buf[:n * self.shape[1]].reshape(self.shape[1], n)
+        dequantize_q4_tiles(self.tiles, self.d, self.m, first, out)
+        return out.T
 
     ROUNDS_ACTIVATIONS = False
 

@@ -162,24 +162,29 @@ def test_block_kernels_sum_integers_exactly(fmt_name):
     np.testing.assert_array_equal(out, exact.astype(np.float32))
 
 
+@pytest.mark.parametrize("fmt", [Q8_0, Q4_0, Q4_1])
 @pytest.mark.parametrize("rows", [1, 64, 150])
-def test_q8_0_row_tiles_hold_the_stored_q8_0(rows, monkeypatch):
-    """The q8_0 kernels read the weights repacked, 64 rows side by side: the repacking gives back the
-    stored codes and scales exactly, and prefill, which dequantises tile by tile, dequantises every row
-    (BLAS tiles of 96 rows here: the second starts in the middle of the layout's second 64-row tile)."""
+def test_row_tiles_hold_the_stored_format(fmt, rows, monkeypatch):
+    """The block formats' kernels read the weights repacked, 64 rows side by side: the repacking gives
+    back the stored codes, scales and minimums exactly, and prefill, which dequantises tile by tile,
+    dequantises every row exactly (BLAS tiles of 96 rows here: the second starts in the middle of
+    the layout's second 64-row tile)."""
     import ops.linear
-    from ops.quantized import Q8_0Weight, weights_times_transposed
+    from ops.quantized import PREPARED, weights_times_transposed
 
     rng = np.random.default_rng(rows)
-    stored = Q8_0.quantize(rng.standard_normal((rows, 2 * BLOCK)).astype(np.float32))
-    weight = Q8_0Weight.of(stored)
-    assert weight.shape == stored.shape
-    np.testing.assert_array_equal(weight.fmt.qs, stored.qs)
-    np.testing.assert_array_equal(weight.fmt.d.view(np.uint16), stored.d.view(np.uint16))
+    stored = fmt.quantize(rng.standard_normal((rows, 2 * BLOCK)).astype(np.float32))
+    weight = PREPARED[{Q8_0: "q8_0", Q4_0: "q4_0", Q4_1: "q4_1"}[fmt]][1].of(stored)
+    assert weight.shape == stored.shape and type(weight.fmt) is fmt
+    for field in vars(stored):
+        a, b = getattr(weight.fmt, field), getattr(stored, field)
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=field)
     monkeypatch.setattr(ops.linear, "TILE_BYTES", 100 * 2 * BLOCK * 4)  # 100 rows: tiles of 96
-    x = rng.standard_normal((6, 2 * BLOCK)).astype(np.float32)
-    np.testing.assert_allclose(weights_times_transposed(weight, x), stored.dequantize() @ round_activations_q8(x).T,
-                               rtol=1e-5, atol=1e-5)
+    x = np.eye(2 * BLOCK, dtype=np.float32)  # W @ I: each dequantised weight itself
+    if fmt is Q8_0:
+        x *= 127  # rounded per block as q8_0 rounds activations: 127 · (1/127 steps), exactly 127
+    expected = stored.dequantize() * (127 if fmt is Q8_0 else 1)
+    np.testing.assert_array_equal(weights_times_transposed(weight, x), expected)
 
 
 @pytest.mark.real_model
