@@ -168,14 +168,14 @@ def weights_times_transposed(weight, x) -> np.ndarray:
     N, K = weight.shape
     out = np.empty((N, x.shape[0]), dtype=np.float32)
     align = 16  # rows: each part and tile starts on a multiple of 16, which BLAS blocks evenly
-    parts = min(product_workers(), -(-N // align))
+    parts = max(1, min(product_workers(), -(-N // align)))
     bounds = [min(N, round(N * i / parts / align) * align) for i in range(parts)] + [N]  # part i: rows bounds[i]..
     tile_rows = max(align, TILE_BYTES // parts // (4 * max(K, 1)) // align * align)
 
     def product(part: int):
-        first, end = bounds[part], bounds[part + 1]
-        buf = _tile(part, min(tile_rows, end - first) * K)
-        for first in range(first, end, tile_rows):
+        start, end = bounds[part], bounds[part + 1]
+        buf = _tile(part, min(tile_rows, end - start) * K)
+        for first in range(start, end, tile_rows):
             rows = weight.dequantize_rows(first, min(tile_rows, end - first), buf)  # (rows, K), a view of buf
             np.matmul(rows, x.T, out=out[first:first + rows.shape[0]])
 

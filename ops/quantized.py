@@ -693,8 +693,10 @@ _DOCS = {
     "int8": "weight-only int8, a scale per output row; activations float32",
     "q8_0": "llama.cpp's Q8_0 weights, repacked 64 rows side by side; activations rounded per block of 32, "
             "exact integer block sums",
-    "q4_0": "llama.cpp's Q4_0 weights (4 bits, a scale per block of 32); activations float32",
-    "q4_1": "llama.cpp's Q4_1 weights (4 bits, a scale and a minimum per block of 32); activations float32",
+    "q4_0": "llama.cpp's Q4_0 weights (4 bits, a scale per block of 32), repacked 64 rows side by side; "
+            "activations float32",
+    "q4_1": "llama.cpp's Q4_1 weights (4 bits, a scale and a minimum per block of 32), repacked 64 rows side "
+            "by side; activations float32",
 }
 _OPS = {
     "linear": (linear_quantized, _prepare_matrix, linear_dequantized, _linear_inputs, None),
