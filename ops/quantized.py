@@ -173,14 +173,15 @@ def quantized_activations(x):
     return xq, xd
 
 
-# Q8_0 is stored as llama.cpp lays it out, row by row: qs (N, K/32, 32) int8, a scale per block. Its
-# kernels read it repacked, ROW_TILE rows side by side (llama.cpp's CPU backend repacks Q4_0 in the
-# same spirit, rows interleaved, e.g. Q4_0_8x8): tiles[t, b, i, r] = qs[t·ROW_TILE + r, b, i]. Why: each block
-# needs its own integer sum before its scale. Row by row, that is a sum across the vector lanes
-# (a horizontal reduction) for every 32 weights. With rows side by side, the lanes are 16 rows, each
-# lane sums its own row's block, and the scale is applied lane by lane. Measured on this machine:
-# 1.2-1.4x faster per projection than the row-by-row kernel (1536 x 576: 30 against 38-42 us;
-# the 49152-row head: 0.76-0.82 against 1.02-1.10 ms), with bit-identical results.
+# The block formats (Q8_0 here, Q4_0 and Q4_1 below) are stored as llama.cpp lays them out, row by
+# row: codes (N, K/32, bytes a block), a scale per block. Their kernels read them repacked, ROW_TILE
+# rows side by side (llama.cpp's CPU backend repacks Q4_0 in the same spirit, rows interleaved, e.g.
+# Q4_0_8x8): tiles[t, b, i, r] = codes[t·ROW_TILE + r, b, i]. Why: each block needs its own sum before
+# its scale. Row by row, that is a sum across the vector lanes (a horizontal reduction) for every 32
+# weights. With rows side by side, the lanes are 16 rows, each lane sums its own row's block, and the
+# scale is applied lane by lane. Measured on this machine for q8_0: 1.2-1.4x faster per projection
+# than the row-by-row kernel (1536 x 576: 30 against 38-42 us; the 49152-row head: 0.76-0.82 against
+# 1.02-1.10 ms), with the same exact integer block sums.
 # Rows per tile: 64 ran 1.15-1.37x the row-by-row kernel, 32 only 0.96-1.16x. Decode runs a tile per
 # thread at a time, so a 576-row matrix (9 tiles) keeps at most 9 threads busy: enough here (2 cores).
 ROW_TILE = 64
