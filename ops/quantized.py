@@ -205,6 +205,15 @@ def untiled(tiles: np.ndarray, rows: int) -> np.ndarray:
     return np.ascontiguousarray(t.reshape(-1, *t.shape[2:])[:rows])
 
 
+class RowTiled:
+    """What the row-tiled weights (Q8_0Weight, Q4Weight) share: their `rows` and scales `d` (tiles,
+    K/32, ROW_TILE) give the shape of the matrix they stand for."""
+
+    @property
+    def shape(self):
+        return self.rows, self.d.shape[1] * BLOCK
+
+
 @njit(inline="always")
 def q8_0_tile_dot(x, xd, w, d, out):
     """out[r] = sum over blocks b of (d[b, r] · xd[b]) · Σ_i w[b, i, r] · x[b, i], for the rows r of
@@ -289,7 +298,7 @@ def dequantize_q8_0_tiles(w, d, first, out):
 
 
 @dataclass(frozen=True)
-class Q8_0Weight:
+class Q8_0Weight(RowTiled):
     """A Q8_0 matrix as the kernels read it: its codes and scales in row tiles (row_tiles), the scales
     widened to float32 (Numba has no float16 arithmetic on CPUs). `fmt` gives back the Q8_0."""
 
@@ -300,10 +309,6 @@ class Q8_0Weight:
     @classmethod
     def of(cls, fmt: Q8_0) -> "Q8_0Weight":
         return cls(*row_tiles(fmt.qs, fmt.d), fmt.shape[0])
-
-    @property
-    def shape(self):
-        return self.rows, self.d.shape[1] * BLOCK
 
     @property
     def fmt(self) -> Q8_0:
@@ -448,7 +453,7 @@ def dequantize_q4_tiles(w, d, m, first, out):
 
 
 @dataclass(frozen=True)
-class Q4Weight:
+class Q4Weight(RowTiled):
     """A Q4_0 or Q4_1 matrix as the kernels read it: w = d·q + m per block, q in [0, 15] packed two
     a byte, in row tiles as q8_0's (row_tiles), d and m float32. For Q4_0, w = d·(q - 8), so
     m = -8·d (exact: a power of 2). `fmt` gives back the stored format."""
@@ -464,10 +469,6 @@ class Q4Weight:
         d = fmt.d.astype(np.float32)
         m = fmt.m if isinstance(fmt, Q4_1) else -8 * d
         return cls(*row_tiles(fmt.qs, d, m), fmt.shape[0], isinstance(fmt, Q4_1))
-
-    @property
-    def shape(self):
-        return self.rows, self.d.shape[1] * BLOCK
 
     @property
     def fmt(self) -> Q4_0 | Q4_1:
