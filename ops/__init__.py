@@ -7,7 +7,7 @@ without touching the model.
 """
 # Imported in the order the model runs them, which is the order `tinyllm ops` lists them in.
 from . import embedding, norm, linear, rope, attention, mlp, sampling  # noqa: F401,I001  (declares the ops)
-from . import quantized  # noqa: F401,E402  (variants of the projection ops on quantised weights)
+from . import quant  # noqa: F401,E402  (quantised weights: formats, kernels, variants of the projection ops)
 from .registry import OPS, VARIANTS, OpTable, Weights, op, reference_table, variant
 
 __all__ = ["OPS", "VARIANTS", "OpTable", "Weights", "op", "variant", "reference_table"]

@@ -1,33 +1,17 @@
 """Token embedding: look up one row of the table per token id."""
 import numpy as np
 
-from .registry import EXACT, op, random_array
+from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit
+from .registry import EXACT, op, random_array, variant
 
 
-def _inputs():
-    from hypothesis import strategies as st
-
-    @st.composite
-    def args(draw):
-        vocab, dim = draw(st.integers(1, 300)), draw(st.integers(1, 97))
-        table = random_array(draw, (vocab, dim))
-        ids = np.array(draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=40)), dtype=np.int64)
-        return table, ids
-
-    return args()
-
-
-@op("embedding", rule=EXACT, inputs=_inputs, weights=(0,))
+@op("embedding", rule=EXACT, weights=(0,))
 def embedding(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """x[t] = table[ids[t]]   table (V, D), ids (T,) -> (T, D)"""
     return table[ids]
 
 
 # ---------------------------------------------------------------------------------- numba variant
-
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit  # noqa: E402
-from .registry import variant  # noqa: E402
-
 
 @njit
 def gather_rows(table, ids, out):
@@ -41,3 +25,21 @@ def embedding_numba(table, ids):
     out = np.empty((ids.shape[0], table.shape[1]), dtype=table.dtype)
     gather_rows(table, ids, out)
     return out
+
+
+# ---------------------------------------------------------------------------------- strategy
+
+def _embedding_inputs():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def args(draw):
+        vocab, dim = draw(st.integers(1, 300)), draw(st.integers(1, 97))
+        table = random_array(draw, (vocab, dim))
+        ids = np.array(draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=40)), dtype=np.int64)
+        return table, ids
+
+    return args()
+
+
+embedding.strategy(_embedding_inputs)

@@ -10,16 +10,16 @@
   left out, because with them the compiler may assume no NaN/Inf exists and drop our handling of
   them (an all-masked row, an overflowing exp).
 - Threads: Numba's `prange` uses NUMBA_NUM_THREADS workers (default: the cores); `parallel=True` is
-  used only where a kernel moves enough memory to pay for waking them (a few microseconds per launch).
-- Decode and prefill differ. With a few rows (decode: T = 1) a projection streams its weights once
+  used only where a kernel moves enough memory to pay for waking them.
+- Decode and prefill differ, and every variant that cares asks `is_decode(rows)`: the one split.
+  With a few rows (decode: T = 1; up to DECODE_MAX_ROWS) a projection streams its weights once
   and is memory-bound: our parallel matrix-vector kernels beat BLAS there. With many rows (prefill)
   it is compute-bound, and BLAS's blocked GEMM is the right tool; the kernels around it run serial.
   That split also keeps the two thread pools apart: OpenBLAS's and Numba's workers both spin-wait
   for their next job, and on a machine with no idle core a parallel Numba kernel squeezed between
-  BLAS calls waits for a spinning BLAS worker to be descheduled, and vice versa (measured here: a
-  decode step of SmolLM2-135M went from 49 to ~360 ms with parallel attention between BLAS calls).
-  A prefill on quantised weights shares the cores another way, without Numba's workers: see
-  ops/threads.py.
+  BLAS calls waits for a spinning BLAS worker to be descheduled, and vice versa (what two spinning
+  pools cost is measured in benchmarks/RESULTS.md, "Quantised weights"). A prefill on quantised
+  weights shares the cores another way, without Numba's workers: see ops/threads.py.
 """
 from __future__ import annotations
 
@@ -27,7 +27,13 @@ import os
 from pathlib import Path
 
 FASTMATH = {"reassoc", "contract", "arcp", "afn", "nsz"}
-FEW_ROWS = 4  # up to this many rows, the kernels stream the weights themselves (decode); above, BLAS
+DECODE_MAX_ROWS = 4  # up to this many rows, the kernels stream the weights themselves (decode); above, BLAS
+
+
+def is_decode(rows: int) -> bool:
+    """Whether a pass over `rows` tokens takes the decode path (stream the weights once, Numba's
+    threads) rather than the prefill path (BLAS products, serial kernels around them)."""
+    return rows <= DECODE_MAX_ROWS
 
 
 def _ensure_writable_cache() -> None:

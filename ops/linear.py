@@ -2,7 +2,99 @@
 model's last step, final norm + LM head."""
 import numpy as np
 
-from .registry import Weights, close, op, random_array
+from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, is_decode, njit, prange
+from .norm import rmsnorm, rmsnorm_rows
+from .registry import Weights, close, op, random_array, variant
+
+
+def linear_terms(x, weight, bias=None) -> float:
+    """The size of the terms a projection sums: max over outputs of sum_k |x_k w_jk| (+ |b_j|)."""
+    terms = np.abs(x) @ np.abs(weight).T
+    return float(np.max(terms + (0 if bias is None else np.abs(bias)), initial=0.0))
+
+
+@op("linear", rule=close(1e-5, "dot products of length K summed in another order (blocked, SIMD) differ by "
+                         "~sqrt(K)·2^-24 of the summed terms; 1e-5 leaves room for K in the thousands",
+                         linear_terms, "Σ|x·w|"),
+    weights=(1,))
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ W^T (+ b)   x (T, in), weight (out, in), bias (out,) -> (T, out)"""
+    y = x @ weight.T  # BLAS reads the transposed view in place: no copy of W
+    if bias is not None:
+        y += bias
+    return y
+
+
+def _norm_head_terms(x, w, eps) -> float:
+    return linear_terms(rmsnorm(x, w.norm, eps), w.weight)
+
+
+@op("norm_head", rule=close(1e-5, "rmsnorm then a dot product of length D, as linear", _norm_head_terms, "Σ|h·w|"),
+    composite=("rmsnorm", "linear"), weights=(1,), projections=("weight",),
+    own_format=True)  # the LM head's precision is chosen on its own (the quantised presets keep it Q8_0)
+def norm_head(ops, x, w, eps):
+    """Logits from the last hidden states: linear(rmsnorm(x, w.norm), w.weight)   (T, D) -> (T, V)"""
+    return ops.linear(ops.rmsnorm(x, w.norm, eps), w.weight)
+
+
+# ---------------------------------------------------------------------------------- numba variants
+#
+# At batch 1 (decode) a projection is a matrix-vector product: every weight is read once and used
+# once, so its speed is the speed of streaming W from memory. The kernel below reads each weight row
+# exactly once, for all T input rows at a time, with one thread per block of output rows.
+# With many rows (prefill) the product is compute-bound instead, and BLAS's blocked GEMM is the
+# right tool: we hand it over when the rows are not a decode's (ops/jit.py::is_decode).
+
+
+@njit(parallel=True)
+def matvec_rows(x, w, out):
+    """out[t, j] = sum_k x[t, k] * w[j, k]: each row of W is read once, for every row of x."""
+    T, K = x.shape
+    for j in prange(w.shape[0]):
+        for t in range(T):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += x[t, k] * w[j, k]
+            out[t, j] = acc
+
+
+@variant("linear", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+def linear_streaming(x, weight, bias=None):
+    """linear: a Numba matrix-vector kernel for a few rows, BLAS GEMM for many."""
+    if not is_decode(x.shape[0]):
+        return linear(x, weight, bias)
+    out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+    matvec_rows(x, weight, out)
+    if bias is not None:
+        out += bias
+    return out
+
+
+@variant("norm_head", "fused", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+def norm_head_fused(x, w, eps):
+    """Final rmsnorm and LM head as one op: for a few rows the norm kernel, then the parallel
+    matrix-vector kernel streams the head (the largest matrix: 113 MB for the default model) once;
+    for many rows the norm, then BLAS."""
+    h = np.empty_like(x)
+    rmsnorm_rows(x, w.norm, np.float32(eps), h)
+    if not is_decode(x.shape[0]):
+        return linear(h, w.weight)
+    out = np.empty((x.shape[0], w.weight.shape[0]), dtype=np.float32)
+    matvec_rows(h, w.weight, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------- prefill
+
+
+def weights_times_transposed(weight, x) -> np.ndarray:
+    """W @ x^T, (N, T), for many rows x (prefill): the operand order OpenBLAS runs faster for our
+    shapes (see ops/mlp.py::swiglu_mlp_prefill). A prepared quantised weight defines `@` as its own
+    product (ops/quant/prefill.py)."""
+    return weight @ x.T
+
+
+# ---------------------------------------------------------------------------------- strategies and edge cases
 
 SCALES = (1.0, 1e-3, 1e3)
 
@@ -30,22 +122,7 @@ def _linear_examples():
              rng.standard_normal(48).astype(np.float32))]
 
 
-def linear_terms(x, weight, bias=None) -> float:
-    """The size of the terms a projection sums: max over outputs of sum_k |x_k w_jk| (+ |b_j|)."""
-    terms = np.abs(x) @ np.abs(weight).T
-    return float(np.max(terms + (0 if bias is None else np.abs(bias)), initial=0.0))
-
-
-@op("linear", rule=close(1e-5, "dot products of length K summed in another order (blocked, SIMD) differ by "
-                         "~sqrt(K)·2^-24 of the summed terms; 1e-5 leaves room for K in the thousands",
-                         linear_terms, "Σ|x·w|"),
-    inputs=_linear_inputs, examples=_linear_examples, weights=(1,))
-def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """y = x @ W^T (+ b)   x (T, in), weight (out, in), bias (out,) -> (T, out)"""
-    y = x @ weight.T  # BLAS reads the transposed view in place: no copy of W
-    if bias is not None:
-        y += bias
-    return y
+linear.strategy(_linear_inputs, examples=_linear_examples)
 
 
 def _norm_head_inputs(multiple: int = 1):
@@ -60,124 +137,4 @@ def _norm_head_inputs(multiple: int = 1):
     return args()
 
 
-def _norm_head_terms(x, w, eps) -> float:
-    from .norm import rmsnorm
-
-    return linear_terms(rmsnorm(x, w.norm, eps), w.weight)
-
-
-@op("norm_head", rule=close(1e-5, "rmsnorm then a dot product of length D, as linear", _norm_head_terms, "Σ|h·w|"),
-    inputs=_norm_head_inputs, composite=("rmsnorm", "linear"), weights=(1,), projections=("weight",),
-    own_format=True)  # the LM head's precision is chosen on its own (the quantised presets keep it Q8_0)
-def norm_head(ops, x, w, eps):
-    """Logits from the last hidden states: linear(rmsnorm(x, w.norm), w.weight)   (T, D) -> (T, V)"""
-    return ops.linear(ops.rmsnorm(x, w.norm, eps), w.weight)
-
-
-# ---------------------------------------------------------------------------------- numba variants
-#
-# At batch 1 (decode) a projection is a matrix-vector product: every weight is read once and used
-# once, so its speed is the speed of streaming W from memory. The kernel below reads each weight row
-# exactly once, for all T input rows at a time, with one thread per block of output rows.
-# With many rows (prefill) the product is compute-bound instead, and BLAS's blocked GEMM is the
-# right tool: we hand it over above FEW_ROWS rows.
-
-from .jit import FEW_ROWS, NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange  # noqa: E402
-from .registry import variant  # noqa: E402
-from .threads import on_workers, product_workers  # noqa: E402
-
-
-@njit(parallel=True)
-def matvec_rows(x, w, out):
-    """out[t, j] = sum_k x[t, k] * w[j, k]: each row of W is read once, for every row of x."""
-    T, K = x.shape
-    for j in prange(w.shape[0]):
-        for t in range(T):
-            acc = np.float32(0.0)
-            for k in range(K):
-                acc += x[t, k] * w[j, k]
-            out[t, j] = acc
-
-
-def linear_streaming(x, weight, bias=None):
-    """linear: a Numba matrix-vector kernel for a few rows, BLAS GEMM for many."""
-    if x.shape[0] > FEW_ROWS:
-        return linear(x, weight, bias)
-    out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-    matvec_rows(x, weight, out)
-    if bias is not None:
-        out += bias
-    return out
-
-
-variant("linear", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)(linear_streaming)
-
-
-@variant("norm_head", "fused", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
-def norm_head_fused(x, w, eps):
-    """Final rmsnorm and LM head as one op: for a few rows the norm kernel, then the parallel
-    matrix-vector kernel streams the head (the largest matrix: 113 MB for the default model) once;
-    for many rows the norm, then BLAS."""
-    from .norm import rmsnorm_rows
-
-    h = np.empty_like(x)
-    rmsnorm_rows(x, w.norm, np.float32(eps), h)
-    if x.shape[0] > FEW_ROWS:
-        return linear(h, w.weight)
-    out = np.empty((x.shape[0], w.weight.shape[0]), dtype=np.float32)
-    matvec_rows(h, w.weight, out)
-    return out
-
-
-# ---------------------------------------------------------------------------------- prefill, any format
-
-# Float32 bytes dequantised at a time for a quantised weight, shared among the parts a split prefill
-# cuts it into (ops/threads.py): every projection of the default model fits in one BLAS call per
-# part (1536 x 576 floats = 3.4 MB; as one part, one call on 1536 rows ran ~13% faster than three on
-# 512: 1.21 against 1.39 ms on 128 tokens, dequantising included; float32 1.12 ms). The LM head
-# (49152 rows) goes in tiles of this size, never a float32 copy of the whole matrix.
-TILE_BYTES = 4 << 20
-_tile_buffers: list[np.ndarray] = []  # one per worker (ops/threads.py), kept between calls (see _tile)
-
-
-def _tile(worker: int, size: int) -> np.ndarray:
-    """Worker `worker`'s float32 buffer of `size` numbers for dequantised weights, the same memory
-    every call. A fresh 4 MiB array each call is fresh pages from the OS whenever glibc has handed the
-    last one back: ~900 page faults and the kernel zeroing them, which made a tiled product take up
-    to 1.8x a float32 one (2.0 against 1.15 ms, 1536 x 576 by 128 tokens) at random, against 1.1x
-    with the buffer kept."""
-    while len(_tile_buffers) <= worker:
-        _tile_buffers.append(np.empty(0, dtype=np.float32))
-    if _tile_buffers[worker].size < size:
-        _tile_buffers[worker] = np.empty(size, dtype=np.float32)
-    return _tile_buffers[worker]
-
-
-def weights_times_transposed(weight, x) -> np.ndarray:
-    """W @ x^T, (N, T), for many rows x (prefill): the operand order OpenBLAS runs faster for our
-    shapes (see ops/mlp.py::swiglu_mlp_prefill). A float32 W goes to BLAS whole. A quantised one
-    (ops/quantized.py) in tiles of rows, each dequantised into a float32 buffer that stays in cache,
-    (at most TILE_BYTES), so no float32 copy of a large matrix is ever made; x first gets what the
-    format does to activations (q8_0 rounds them per block of 32, as its decode kernels do).
-
-    In a prefill with quantised weights (ops/threads.py::split_products) the rows are cut into one
-    part per core, each dequantised and multiplied by its own core with single-threaded BLAS."""
-    if isinstance(weight, np.ndarray):
-        return weight @ x.T
-    x = weight.round_activations(x)
-    N, K = weight.shape
-    out = np.empty((N, x.shape[0]), dtype=np.float32)
-    align = 16  # rows: each part and tile starts on a multiple of 16, which BLAS blocks evenly
-    parts = max(1, min(product_workers(), -(-N // align)))
-    bounds = [min(N, round(N * i / parts / align) * align) for i in range(parts)] + [N]  # part i: rows bounds[i]..
-    tile_rows = max(align, TILE_BYTES // parts // (4 * max(K, 1)) // align * align)
-
-    def product(part: int):
-        start, end = bounds[part], bounds[part + 1]
-        buf = _tile(part, min(tile_rows, end - start) * K)
-        for first in range(start, end, tile_rows):
-            rows = weight.dequantize_rows(first, min(tile_rows, end - first), buf)  # (rows, K), a view of buf
-            np.matmul(rows, x.T, out=out[first:first + rows.shape[0]])
-
-    on_workers(product, parts)
-    return out
+norm_head.strategy(_norm_head_inputs)

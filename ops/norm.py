@@ -1,44 +1,12 @@
 """RMSNorm (Zhang & Sennrich, 2019), the residual add, and the two fused together."""
 import numpy as np
 
-from .registry import EXACT, close, op, random_array
-
-# Inputs span tiny to large magnitudes: at 1e-4, mean(x^2) ~ 1e-8 is far below eps = 1e-5, so a
-# norm that forgets eps is caught; all-zero rows must give zeros, not NaN.
-SCALES = (1.0, 1e-4, 1e-2, 1e2, 1e4)
-
-
-def _rows(draw, max_dim=200):
-    from hypothesis import strategies as st
-
-    return draw(st.integers(1, 40), label="T"), draw(st.integers(1, max_dim), label="D")
-
-
-def _rmsnorm_inputs():
-    from hypothesis import strategies as st
-
-    @st.composite
-    def args(draw):
-        T, D = _rows(draw)
-        x = random_array(draw, (T, D), SCALES, zero_rows=True)
-        w = random_array(draw, (D,))
-        return x, w, draw(st.sampled_from([1e-5, 1e-6]), label="eps")
-
-    return args()
-
-
-def _rmsnorm_examples():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 5)).astype(np.float32)
-    x[1] = 0  # an all-zero row: 0 / sqrt(0 + eps) = 0
-    tiny = (rng.standard_normal((2, 7)) * 1e-4).astype(np.float32)
-    return [(x, rng.standard_normal(5).astype(np.float32), 1e-5),
-            (tiny, np.ones(7, np.float32), 1e-5)]
+from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit
+from .registry import EXACT, close, op, random_array, variant
 
 
 @op("rmsnorm", rule=close(1e-5, "a sum of D squares in another order moves mean(x^2) by ~D·2^-24 "
-                          "relative; the square root halves that"),
-    inputs=_rmsnorm_inputs, examples=_rmsnorm_examples)
+                          "relative; the square root halves that"))
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """y = x / sqrt(mean(x^2) + eps) * weight   x (T, D), weight (D,) -> (T, D)"""
     ms = np.mean(x * x, axis=-1, keepdims=True)  # (T, 1)
@@ -46,37 +14,13 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(ms + np.float32(eps)) * weight
 
 
-def _add_inputs():
-    from hypothesis import strategies as st
-
-    @st.composite
-    def args(draw):
-        T, D = _rows(draw)
-        return random_array(draw, (T, D), SCALES), random_array(draw, (T, D), SCALES)
-
-    return args()
-
-
-@op("add", rule=EXACT, inputs=_add_inputs)
+@op("add", rule=EXACT)
 def add(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The residual connection: x + y   (T, D), (T, D) -> (T, D)"""
     return x + y
 
 
-def _add_rmsnorm_inputs():
-    from hypothesis import strategies as st
-
-    @st.composite
-    def args(draw):
-        T, D = _rows(draw)
-        x, y = random_array(draw, (T, D), SCALES), random_array(draw, (T, D), SCALES)
-        return x, y, random_array(draw, (D,)), 1e-5
-
-    return args()
-
-
-@op("add_rmsnorm", rule=close(1e-5, "as rmsnorm; the add is exact"), inputs=_add_rmsnorm_inputs,
-    composite=("add", "rmsnorm"))
+@op("add_rmsnorm", rule=close(1e-5, "as rmsnorm; the add is exact"), composite=("add", "rmsnorm"))
 def add_rmsnorm(ops, x, y, weight, eps):
     """The residual add, then the next sublayer's norm: s = x + y, (s, rmsnorm(s))   -> (T, D), (T, D)"""
     s = ops.add(x, y)
@@ -84,9 +28,6 @@ def add_rmsnorm(ops, x, y, weight, eps):
 
 
 # ---------------------------------------------------------------------------------- numba variants
-
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit  # noqa: E402
-from .registry import variant  # noqa: E402
 
 NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
 
@@ -149,3 +90,70 @@ def add_rmsnorm_fused(x, y, weight, eps):
     s, h = np.empty_like(x), np.empty_like(x)
     add_rmsnorm_rows(x, y, weight, np.float32(eps), s, h)
     return s, h
+
+
+# ---------------------------------------------------------------------------------- strategies and edge cases
+
+# Inputs span tiny to large magnitudes: at 1e-4, mean(x^2) ~ 1e-8 is far below eps = 1e-5, so a
+# norm that forgets eps is caught; all-zero rows must give zeros, not NaN.
+SCALES = (1.0, 1e-4, 1e-2, 1e2, 1e4)
+
+
+def _rows(draw, max_dim=200):
+    from hypothesis import strategies as st
+
+    return draw(st.integers(1, 40), label="T"), draw(st.integers(1, max_dim), label="D")
+
+
+def _rmsnorm_inputs():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def args(draw):
+        T, D = _rows(draw)
+        x = random_array(draw, (T, D), SCALES, zero_rows=True)
+        w = random_array(draw, (D,))
+        return x, w, draw(st.sampled_from([1e-5, 1e-6]), label="eps")
+
+    return args()
+
+
+def _rmsnorm_examples():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    x[1] = 0  # an all-zero row: 0 / sqrt(0 + eps) = 0
+    tiny = (rng.standard_normal((2, 7)) * 1e-4).astype(np.float32)
+    return [(x, rng.standard_normal(5).astype(np.float32), 1e-5),
+            (tiny, np.ones(7, np.float32), 1e-5)]
+
+
+rmsnorm.strategy(_rmsnorm_inputs, examples=_rmsnorm_examples)
+
+
+def _add_inputs():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def args(draw):
+        T, D = _rows(draw)
+        return random_array(draw, (T, D), SCALES), random_array(draw, (T, D), SCALES)
+
+    return args()
+
+
+add.strategy(_add_inputs)
+
+
+def _add_rmsnorm_inputs():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def args(draw):
+        T, D = _rows(draw)
+        x, y = random_array(draw, (T, D), SCALES), random_array(draw, (T, D), SCALES)
+        return x, y, random_array(draw, (D,)), 1e-5
+
+    return args()
+
+
+add_rmsnorm.strategy(_add_rmsnorm_inputs)

@@ -4,7 +4,10 @@ An **op** is declared once, beside its NumPy reference (`@op(...)` in the op fam
 
 - `reference`: the plain NumPy function that *defines* what the op computes;
 - `inputs`: a Hypothesis strategy of valid arguments, and `examples`: explicit edge cases that are
-  always checked first (so catching a planted bug never depends on luck);
+  always checked first (so catching a planted bug never depends on luck). Our family files attach
+  them at the bottom of the file, after the references and variants:
+  `rmsnorm.strategy(_rmsnorm_inputs, examples=_rmsnorm_examples)` (`@op(..., inputs=, examples=)`
+  does the same in one step, as a plugin may);
 - `rule`: how a variant's output is compared with the reference's (a tolerance, stated and justified);
 - `weights`: which arguments are weights, i.e. what a variant's `prepare` step transforms once when a
   schedule is applied (quantise, transpose, concatenate...) instead of on every call.
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+
+from .threads import split_products
 
 REFERENCE = "reference"  # every primitive op's defining variant
 COMPOSED = "composed"  # every composite op's unfused variant: the composition over the schedule's ops
@@ -195,7 +200,10 @@ VARIANTS: dict[str, dict[str, Variant]] = {}
 
 def op(name: str, *, rule: Rule, inputs=None, examples=None, weights=(), composite=(), projections=(), inside="",
        own_format: bool = False):
-    """Declare the decorated function as the reference of op `name` (see the module docstring)."""
+    """Declare the decorated function as the reference of op `name` (see the module docstring).
+
+    The function comes back with a `strategy(inputs, examples=None)` method that attaches the op's
+    Hypothesis strategy and edge cases later, when they are not given here."""
 
     def register(fn: Callable) -> Callable:
         if name in OPS:
@@ -207,6 +215,16 @@ def op(name: str, *, rule: Rule, inputs=None, examples=None, weights=(), composi
                                                 + " → ".join(composite), weight_format="any", source=fn.__module__)}
         else:
             VARIANTS[name] = {REFERENCE: Variant(name, REFERENCE, fn, "NumPy reference", source=fn.__module__)}
+
+        def strategy(inputs: Callable, examples: Callable | None = None) -> Callable:
+            """Attach op `name`'s strategy (() -> Hypothesis strategy of argument tuples) and edge cases."""
+            declared = OPS[name]
+            if declared.inputs is not None:
+                raise RegistryError(f"op {name!r} has a strategy already")
+            declared.inputs, declared.examples = inputs, examples or (lambda: [])
+            return fn
+
+        fn.strategy = strategy
         return fn
 
     return register
@@ -276,7 +294,8 @@ class OpTable:
     """What the model calls: one attribute per op, the chosen variant's function.
 
     `choice` maps every op name to a variant name. A `composed` composite is bound to this very
-    table, so its primitive steps run whatever variants the table holds."""
+    table, so its primitive steps run whatever variants the table holds. The model runs each
+    forward pass inside `forward_pass(rows)`."""
 
     def __init__(self, choice: dict[str, str]):
         self.choice = dict(choice)
@@ -285,9 +304,18 @@ class OpTable:
             fn = functools.partial(OPS[name].reference, self) if v.name == COMPOSED else v.fn
             setattr(self, name, fn)
         # whether the projections read quantised weights: their prefill then splits the cores itself
-        # (ops/threads.py). A quantised head alone does not count: the prefill's last row is all it reads.
+        # (ops/threads.py). The readers are the ops declared with `projections=`, and the primitive
+        # steps with weights that their unfused composition reads them through (linear). An op with
+        # its own format does not count: a quantised head alone reads only the prefill's last row.
+        readers = {name for name, o in OPS.items() if o.projections and not o.own_format}
+        readers |= {part for name in readers for part in OPS[name].composite if part in OPS and OPS[part].weights}
         self.quantized_projections = any(get_variant(name, self.choice[name]).weight_format not in ("fp32", "any")
-                                         for name in ("linear", "qkv_rope", "swiglu_mlp") if name in self.choice)
+                                         for name in readers if name in self.choice)
+
+    def forward_pass(self, rows: int):
+        """A context manager around one forward pass of `rows` tokens: the thread policy of this
+        schedule (a prefill on quantised projections gives each core its own rows: ops/threads.py)."""
+        return split_products(self, rows)
 
 
 def reference_table() -> OpTable:

@@ -6,7 +6,8 @@ the op only applies them.
 """
 import numpy as np
 
-from .registry import close, op, random_array
+from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit
+from .registry import close, op, random_array, variant
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
@@ -35,36 +36,7 @@ def rope_tables(inv_freq: np.ndarray, n_positions: int, start: int = 0) -> tuple
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def draw_rope_tables(draw, T: int, head_dim: int):
-    """Hypothesis helper: cos/sin tables for T consecutive positions starting anywhere in a long context."""
-    from hypothesis import strategies as st
-
-    theta = draw(st.sampled_from([1e4, 1e5, 1e6]), label="theta")
-    start = draw(st.integers(0, 4000), label="start position")
-    return rope_tables(rope_inv_freq(head_dim, theta), T, start)
-
-
-def _inputs():
-    from hypothesis import strategies as st
-
-    @st.composite
-    def args(draw):
-        T, H = draw(st.integers(1, 24), label="T"), draw(st.integers(1, 9), label="H")
-        d = 2 * draw(st.integers(1, 64), label="d/2")
-        cos, sin = draw_rope_tables(draw, T, d)
-        return random_array(draw, (T, H, d), (1.0, 1e-3, 1e3)), cos, sin
-
-    return args()
-
-
-def _examples():
-    x = np.random.default_rng(2).standard_normal((3, 2, 8)).astype(np.float32)
-    cos, sin = rope_tables(rope_inv_freq(8, 10000.0), 3, start=1)
-    return [(x, cos, sin)]
-
-
-@op("rope", rule=close(1e-5, "two products and a sum per element; an FMA or another order moves the last bits"),
-    inputs=_inputs, examples=_examples)
+@op("rope", rule=close(1e-5, "two products and a sum per element; an FMA or another order moves the last bits"))
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate pairs (x1[i], x2[i]) by the angle of their position.   x (T, H, d), cos/sin (T, d/2) -> (T, H, d)
 
@@ -78,10 +50,6 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- variants
-
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit  # noqa: E402
-from .registry import variant  # noqa: E402
-
 
 @njit
 def rope_kernel(x, cos, sin, out):
@@ -107,3 +75,36 @@ def rope_numba(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     out = np.empty(x.shape, dtype=np.float32)
     rope_kernel(x, cos, sin, out)
     return out
+
+
+# ---------------------------------------------------------------------------------- strategies and edge cases
+
+def draw_rope_tables(draw, T: int, head_dim: int):
+    """Hypothesis helper: cos/sin tables for T consecutive positions starting anywhere in a long context."""
+    from hypothesis import strategies as st
+
+    theta = draw(st.sampled_from([1e4, 1e5, 1e6]), label="theta")
+    start = draw(st.integers(0, 4000), label="start position")
+    return rope_tables(rope_inv_freq(head_dim, theta), T, start)
+
+
+def _rope_inputs():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def args(draw):
+        T, H = draw(st.integers(1, 24), label="T"), draw(st.integers(1, 9), label="H")
+        d = 2 * draw(st.integers(1, 64), label="d/2")
+        cos, sin = draw_rope_tables(draw, T, d)
+        return random_array(draw, (T, H, d), (1.0, 1e-3, 1e3)), cos, sin
+
+    return args()
+
+
+def _rope_examples():
+    x = np.random.default_rng(2).standard_normal((3, 2, 8)).astype(np.float32)
+    cos, sin = rope_tables(rope_inv_freq(8, 10000.0), 3, start=1)
+    return [(x, cos, sin)]
+
+
+rope.strategy(_rope_inputs, examples=_rope_examples)

@@ -5,46 +5,17 @@ of its arguments: the generator owns the seeded RNG, and any variant can be comp
 """
 import numpy as np
 
-from .registry import EXACT, op, random_array
+from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit
+from .registry import EXACT, op, random_array, variant
 
 
-def _argmax_inputs():
-    from hypothesis import strategies as st
-
-    @st.composite
-    def args(draw):
-        return (random_array(draw, (draw(st.integers(1, 500), label="V"),), (1.0, 1e-3, 1e3)),)
-
-    return args()
-
-
-def _argmax_examples():
-    return [(np.array([1.0, 3.0, 3.0, -2.0], dtype=np.float32),)]  # a tie goes to the lowest id
-
-
-@op("argmax", rule=EXACT, inputs=_argmax_inputs, examples=_argmax_examples)
+@op("argmax", rule=EXACT)
 def argmax(logits: np.ndarray) -> int:
     """The most likely token (greedy decoding); ties go to the lowest id.   (V,) -> int"""
     return int(np.argmax(logits))
 
 
-def _sample_inputs():
-    from hypothesis import strategies as st
-
-    @st.composite
-    def args(draw):
-        V = draw(st.integers(1, 300), label="V")
-        logits = random_array(draw, (V,), (1.0, 5.0, 1e-2))
-        temperature = draw(st.sampled_from([0.0, 0.3, 0.7, 1.0, 1.5]), label="temperature")
-        top_k = draw(st.one_of(st.just(0), st.integers(1, V)), label="top_k")
-        top_p = draw(st.sampled_from([1.0, 0.95, 0.5, 0.1]), label="top_p")
-        u = draw(st.floats(0.0, 1.0, exclude_max=True), label="u")
-        return logits, temperature, top_k, top_p, u
-
-    return args()
-
-
-@op("sample", rule=EXACT, inputs=_sample_inputs)
+@op("sample", rule=EXACT)
 def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
     """Draw a token from softmax(logits / temperature), restricted to the top-k tokens and then to the
     smallest set whose probability reaches top_p (nucleus sampling); u in [0, 1) is the random draw.
@@ -73,10 +44,6 @@ def draw_token(logits, temperature, top_k, top_p, u):
 
 # ---------------------------------------------------------------------------------- numba variant
 
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit  # noqa: E402
-from .registry import variant  # noqa: E402
-
-
 @njit
 def first_max(x):
     best, i_best = x[0], 0
@@ -103,3 +70,41 @@ def sample_numba(logits, temperature, top_k, top_p, u):
     if temperature <= 0:
         return argmax_numba(logits)
     return int(draw_token_numba(logits, float(temperature), int(top_k), float(top_p), float(u)))
+
+
+# ---------------------------------------------------------------------------------- strategies and edge cases
+
+def _argmax_inputs():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def args(draw):
+        return (random_array(draw, (draw(st.integers(1, 500), label="V"),), (1.0, 1e-3, 1e3)),)
+
+    return args()
+
+
+def _argmax_examples():
+    return [(np.array([1.0, 3.0, 3.0, -2.0], dtype=np.float32),)]  # a tie goes to the lowest id
+
+
+argmax.strategy(_argmax_inputs, examples=_argmax_examples)
+
+
+def _sample_inputs():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def args(draw):
+        V = draw(st.integers(1, 300), label="V")
+        logits = random_array(draw, (V,), (1.0, 5.0, 1e-2))
+        temperature = draw(st.sampled_from([0.0, 0.3, 0.7, 1.0, 1.5]), label="temperature")
+        top_k = draw(st.one_of(st.just(0), st.integers(1, V)), label="top_k")
+        top_p = draw(st.sampled_from([1.0, 0.95, 0.5, 0.1]), label="top_p")
+        u = draw(st.floats(0.0, 1.0, exclude_max=True), label="u")
+        return logits, temperature, top_k, top_p, u
+
+    return args()
+
+
+sample.strategy(_sample_inputs)

@@ -2,22 +2,22 @@
 its own single-threaded BLAS product on them.
 
 A quantised weight reaches BLAS as float32 tiles dequantised just before the product
-(ops/linear.py::weights_times_transposed). Left to BLAS's own threads, the tile is written by one
-core and read by all of them. Here (a 2-core VM) reading what the other core has just written is
-sometimes fast and sometimes slow, switching every few seconds to minutes: a q8_0 prefill of 128
-tokens took 280 ms or 450 ms against `fused`'s 240 (0.84x or 0.55x). With each core reading only
-what it wrote, it took 290-350 ms whatever the state (0.71-0.86x over the same minutes).
+(ops/quant/prefill.py). Left to BLAS's own threads, the tile is written by one core and read by all
+of them, and on a 2-core VM reading what the other core has just written is sometimes fast and
+sometimes slow, switching every few seconds to minutes; with each core reading only what it wrote,
+the prefill holds its speed (benchmarks/RESULTS.md, Quantised weights: "The fix: each core its own
+rows").
 
 That needs BLAS held at one thread for the whole forward pass, not only around each product:
 BLAS's idle workers spin for a while after a multi-threaded call, and a core shared with a
-spinning worker made the split products twice as slow (0.48x). So the model's forward pass enters
-`split_products(ops, T)` once; inside it a quantised product asks `product_workers()` how many
-parts to cut its rows into. Only schedules whose projections are quantised enter it (`fused` runs
-BLAS as usual); inside, attention's float32 products run on one thread (measured: ~2% of a
-128-token prefill; attention's share grows with the prompt's length).
+spinning worker made the split products about twice as slow (the same section). So the forward
+pass runs inside `split_products(ops, T)` (OpTable.forward_pass); inside it a quantised product
+asks `product_workers()` how many parts to cut its rows into. Only schedules whose projections are
+quantised split (`fused` runs BLAS as usual); inside, attention's float32 products run on one
+thread (a small share of a 128-token prefill, growing with the prompt's length).
 
-One forward pass at a time per process: the parts' tile buffers (ops/linear.py::_tile), the pool
-and BLAS's thread count are the process's, as BLAS's own threads are.
+One forward pass at a time per process: the parts' tile buffers (ops/quant/prefill.py::_tile), the
+pool and BLAS's thread count are the process's, as BLAS's own threads are.
 
 threadpoolctl sets the BLAS library's thread count: it finds whichever BLAS NumPy loaded (OpenBLAS,
 MKL, BLIS...) and calls that library's own setter, which NumPy does not expose.
@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
+
+from .jit import is_decode
 
 _state = threading.local()  # .workers: how many parts a product is cut into, inside split_products
 _pool: ThreadPoolExecutor | None = None
@@ -54,9 +56,7 @@ def split_products(ops, rows: int):
     the schedule `ops` has quantised projections, hold BLAS at one thread and let each quantised
     product cut its rows into as many parts as BLAS had threads, one part per core. Otherwise
     nothing changes."""
-    from .jit import FEW_ROWS
-
-    workers = blas_threads() if rows > FEW_ROWS and getattr(ops, "quantized_projections", False) else 1
+    workers = blas_threads() if not is_decode(rows) and getattr(ops, "quantized_projections", False) else 1
     if workers <= 1:
         yield
         return

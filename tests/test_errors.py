@@ -29,9 +29,8 @@ import tinyllm.pull as pull_mod
 from ops.registry import OpTable
 from tests.test_cli import tinyllm as run_cli
 from tests.test_gguf_import import hf_weights, sha256, write_gguf
-from tinyllm.errors import ContextError, ModelError, ModelWarning, NumericsError, PullError, TinyLLMError
+from tinyllm.errors import ContextError, ModelError, ModelWarning, NumericsError, PullError, ScheduleError, TinyLLMError
 from tinyllm.gguf_import import convert_gguf
-from tinyllm.schedule import ScheduleError
 
 
 def assert_error_line(r, message, allowed=()):

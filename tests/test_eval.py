@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tinyllm.eval import first_tokens, windows
+from tinyllm.texts import first_tokens, windows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -190,7 +190,8 @@ def test_int8_keeps_the_references_top1_in_eval(real_model, real_model_dir):
     """The `int8` preset on 512 tokens of the pydoc text, through the eval API: reference's top-1 token
     at 95% of positions or more (measured: 97.06%, mean KL 0.0028), perplexity within 5% of reference's."""
     import tinyllm
-    from tinyllm.eval import evaluate, pydoc_text as eval_text
+    from tinyllm.eval import evaluate
+    from tinyllm.texts import pydoc_text as eval_text
 
     text = eval_text().text
     assert text == pydoc_text()

@@ -1,4 +1,4 @@
-"""GPTQ rounding (ops/gptq.py) and its calibration (tinyllm/calibration.py).
+"""GPTQ rounding (ops/quant/gptq.py) and its calibration (tinyllm/calibration.py).
 
 The algorithm is checked against a plain transcription of its definition (every column's error
 spread with the full inverse Hessian, which is then updated to drop that column: no Cholesky factor,
@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-import ops.gptq
+import ops.quant.gptq
 import tinyllm
-from ops.gptq import gptq_quantize
 from ops.quant import FORMATS
+from ops.quant.gptq import gptq_quantize
 from tests.conftest import build_tiny_llama, write_byte_tokenizer
 from tests.test_cli import tinyllm as run_cli
 from tests.test_errors import assert_error_line
-from tinyllm.calibration import calibrate, docstring_text
+from tinyllm.calibration import calibrate
 from tinyllm.config import Config
 from tinyllm.loading import load_weights
 from tinyllm.model import Transformer
-from tinyllm.quantize import RECORD_KEY
+from tinyllm.stored import RECORD_KEY
+from tinyllm.texts import docstring_text
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32]
 
@@ -49,7 +50,7 @@ def gptq_by_definition(w: np.ndarray, H: np.ndarray, fmt):
     step, offset = (a.astype(np.float64) for a in start.grid())
     lo, hi = fmt.LEVELS
     W = w.astype(np.float64).copy()
-    H = H + ops.gptq.DAMPING * np.mean(np.diag(H)) * np.eye(len(H))
+    H = H + ops.quant.gptq.DAMPING * np.mean(np.diag(H)) * np.eye(len(H))
     Hinv = np.linalg.inv(H)
     codes = np.zeros(W.shape)
     left = list(np.argsort(-np.diag(H), kind="stable"))
@@ -68,7 +69,7 @@ def gptq_by_definition(w: np.ndarray, H: np.ndarray, fmt):
 @pytest.mark.parametrize("fmt_name", list(FORMATS))
 def test_gptq_is_its_definition(fmt_name, monkeypatch):
     """Blocked, with U = chol(H⁻¹)ᵀ and lazy updates, it chooses the codes of the plain definition."""
-    monkeypatch.setattr(ops.gptq, "BLOCK_COLUMNS", 16)  # several blocks over 96 columns
+    monkeypatch.setattr(ops.quant.gptq, "BLOCK_COLUMNS", 16)  # several blocks over 96 columns
     rng = np.random.default_rng(1)
     w = rng.standard_normal((24, 96)).astype(np.float32)
     x = correlated_inputs(rng, 512, 96)
@@ -160,7 +161,7 @@ def test_hessians_are_the_projections_input_moments(block_model_dir):
 def test_the_default_calibration_text_is_not_evals():
     text = docstring_text()
     assert len(text.text) > 100_000 and text.source == "standard-library docstrings"
-    from tinyllm.eval import pydoc_text
+    from tinyllm.texts import pydoc_text
 
     assert pydoc_text().text[:2000] not in text.text
 
@@ -332,7 +333,8 @@ def test_calibrated_int8_and_q8_0_beat_rounding_to_nearest_on_the_real_model(rea
     """On 1024 tokens of eval's text, from directories calibrated on 1024 tokens of the docstrings: GPTQ
     int8 and smoothed GPTQ q8_0 diverge less from reference than the presets, which round to nearest
     (measured on the full 4096 tokens: KL 0.0029 -> 0.0011 for int8, 0.0034 -> 0.0013 for q8_0)."""
-    from tinyllm.eval import evaluate, first_tokens, pydoc_text
+    from tinyllm.eval import evaluate
+    from tinyllm.texts import first_tokens, pydoc_text
 
     ids = first_tokens(real_model.tokenizer.encode, pydoc_text().text, 1024)
     models = []

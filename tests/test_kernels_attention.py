@@ -92,10 +92,10 @@ def real_shaped_qkv_args(biased=False, T=1, D=576, n_heads=9, n_kv=3, d=64):
 
 
 @pytest.mark.parametrize("biased", [False, True])
-@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("T", [1, 3, 8])
 def test_qkv_rope_fused_at_model_shapes(biased, T):
-    # T = 1 runs the fused decode kernel, T > 1 the BLAS path; a bias on Q alone (K, V unbiased)
-    # is concatenated with zeros by the prepare step.
+    # A decode's rows (T <= DECODE_MAX_ROWS) run the fused decode kernel, one pass per row; more
+    # rows the BLAS path. A bias on Q alone (K, V unbiased) is concatenated with zeros by the prepare step.
     w, x, cos, sin = real_shaped_qkv_args(biased, T)
     out = A.qkv_rope_fused(x, A.prepare_qkv(w), cos, sin, 1e-5)
     assert_matches("qkv_rope", out, reference_function("qkv_rope")(x, w, cos, sin, 1e-5))

@@ -9,8 +9,9 @@ import ops
 from tests.conftest import build_tiny_llama, relative_error
 from tinyllm.config import Config
 from tinyllm.errors import ModelError
-from tinyllm.loading import _huge_pages_available, load_weights
+from tinyllm.loading import load_weights
 from tinyllm.model import Transformer
+from tinyllm.placement import _huge_pages_available
 
 # What moves into huge pages is only moved where Linux offers them (elsewhere nothing is copied).
 huge_pages = pytest.mark.skipif(not _huge_pages_available(), reason="no transparent huge pages here")
@@ -102,7 +103,7 @@ def test_malformed_safetensors_header_entry(tmp_path):
 
 @huge_pages
 def test_huge_page_copies_are_exact_read_only_copies_in_one_block(tiny_model_dir):
-    from tinyllm.loading import HUGE_PAGE, _mapping_of, huge_page_copies, in_huge_pages
+    from tinyllm.placement import HUGE_PAGE, _mapping_of, huge_page_copies, in_huge_pages
 
     mapped = load_weights(tiny_model_dir)["model.embed_tokens.weight"]  # a read-only view of the mapped file
     made = np.arange(-100, 100, dtype=np.int8).reshape(4, 50)
@@ -126,8 +127,7 @@ def test_every_swap_moves_all_streamed_weights_into_one_new_block(tiny_model_dir
     import weakref
 
     import tinyllm
-    from tinyllm.loading import _mapping_of
-    from tinyllm.schedule import _arrays
+    from tinyllm.placement import _arrays, _mapping_of
 
     def blocks(model):
         t = model.transformer
@@ -155,8 +155,8 @@ def test_converted_and_plugin_weights_are_not_moved(tmp_path, tiny_model_dir):
     import tinyllm
     from ops import variant
     from ops.registry import VARIANTS
-    from tinyllm.loading import in_huge_pages, is_mapped
-    from tinyllm.schedule import _arrays, apply, parse
+    from tinyllm.placement import _arrays, in_huge_pages, is_mapped
+    from tinyllm.schedule import apply, parse
 
     build_tiny_llama(tmp_path, dtype="float16")
     t = Transformer.from_dir(tmp_path)

@@ -1,4 +1,4 @@
-"""ops/quant.py: the llama.cpp formats bit for bit against the `gguf` package (an independent
+"""ops/quant/formats.py: the llama.cpp formats bit for bit against the `gguf` package (an independent
 implementation of llama.cpp's reference quantiser), and the int8 format's defining properties."""
 import numpy as np
 import pytest
@@ -148,7 +148,7 @@ def test_block_kernels_sum_integers_exactly(fmt_name):
     """Where the arithmetic is integer the kernels are bit-exact: with unit scales each output is a sum
     of integer products (q8_0: int8 · int8, the sum llama.cpp makes in int32), which must come out
     as exactly the integer NumPy computes in int64, whatever order the vectorised kernel adds in."""
-    from ops.quantized import PREPARED
+    from ops.quant import PREPARED
 
     fmt, prepared = PREPARED[fmt_name]
     w, x = integer_case(fmt, np.random.default_rng(5))
@@ -169,8 +169,9 @@ def test_row_tiles_hold_the_stored_format(fmt, rows, monkeypatch):
     back the stored codes, scales and minimums exactly, and prefill, which dequantises tile by tile,
     dequantises every row exactly (BLAS tiles of 96 rows here: the second starts in the middle of
     the layout's second 64-row tile)."""
-    import ops.linear
-    from ops.quantized import PREPARED, weights_times_transposed
+    import ops.quant.prefill
+    from ops.linear import weights_times_transposed
+    from ops.quant import PREPARED
 
     rng = np.random.default_rng(rows)
     stored = fmt.quantize(rng.standard_normal((rows, 2 * BLOCK)).astype(np.float32))
@@ -179,7 +180,7 @@ def test_row_tiles_hold_the_stored_format(fmt, rows, monkeypatch):
     for field in vars(stored):
         a, b = getattr(weight.fmt, field), getattr(stored, field)
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=field)
-    monkeypatch.setattr(ops.linear, "TILE_BYTES", 100 * 2 * BLOCK * 4)  # 100 rows: tiles of 96
+    monkeypatch.setattr(ops.quant.prefill, "TILE_BYTES", 100 * 2 * BLOCK * 4)  # 100 rows: tiles of 96
     x = np.eye(2 * BLOCK, dtype=np.float32)  # W @ I: each dequantised weight itself
     if fmt is Q8_0:
         x *= 127  # rounded per block as q8_0 rounds activations: 127 · (1/127 steps), exactly 127
@@ -224,9 +225,9 @@ def awkward_activations(rng) -> np.ndarray:
 
 
 def test_q8_0_kernels_round_activations_as_q8_blocks_bit_for_bit():
-    """The kernels' rounding (ops/quantized.py) is the definition's (q8_blocks), scale and level alike:
+    """The kernels' rounding (ops/quant/q8_0.py) is the definition's (q8_blocks), scale and level alike:
     the quantised reference that `check` compares them with rounds by the definition."""
-    from ops.quantized import quantized_activations
+    from ops.quant.q8_0 import quantized_activations
 
     x = awkward_activations(np.random.default_rng(0))
     d, q = q8_blocks(x)
@@ -238,7 +239,9 @@ def test_q8_0_kernels_round_activations_as_q8_blocks_bit_for_bit():
 def test_tiny_activations_give_tiny_q8_0_outputs_not_nan():
     """A block whose scale is subnormal (max < ~4e-37: 1 / d overflows) rounds to zeros, as llama.cpp's
     float16 scale makes of it, in decode and prefill alike; it must not become inf levels and NaN."""
-    from ops.quantized import PREPARED, linear_dequantized, linear_quantized
+    from ops.quant import PREPARED
+    from ops.quant.projections import linear_quantized
+    from ops.quant.reference import linear_dequantized
 
     fmt, prepared = PREPARED["q8_0"]
     rng = np.random.default_rng(1)
@@ -251,7 +254,8 @@ def test_tiny_activations_give_tiny_q8_0_outputs_not_nan():
 
 
 def test_nan_and_inf_activations_propagate_through_q8_0():
-    from ops.quantized import PREPARED, linear_quantized
+    from ops.quant import PREPARED
+    from ops.quant.projections import linear_quantized
 
     fmt, prepared = PREPARED["q8_0"]
     rng = np.random.default_rng(2)

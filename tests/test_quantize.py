@@ -24,12 +24,14 @@ from tests.test_cli import tinyllm as run_cli
 from tests.test_cli_conveniences import expected_parameters
 from tests.test_errors import assert_error_line, plugin, snapshot
 from tests.test_fuzz_readers import big_ints, header_of, outcome, with_header
+from tinyllm.checkpoint import projection_op
 from tinyllm.config import Config
 from tinyllm.errors import ModelError
 from tinyllm.loading import load_weights, read_safetensors
-from tinyllm.model import Transformer, projection_op
-from tinyllm.quantize import LAYOUT, RECORD_KEY, Record, format_name, parts, projection_formats, quantize
+from tinyllm.model import Transformer
+from tinyllm.quantize import projection_formats, quantize
 from tinyllm.schedule import apply, parse
+from tinyllm.stored import LAYOUT, RECORD_KEY, Record, format_name, parts
 
 PRESETS = ["int8", "q8_0", "q4_0", "q4_1"]
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32]
@@ -211,7 +213,7 @@ def test_ops_and_info_say_what_the_directory_holds(block_model_dir, quantized_di
     n = expected_parameters(cfg)
     assert f"parameters: {n:,} " in r.stdout  # a quantised matrix counts its values, the tied head once
     assert "weights in memory (schedule q8_0):" in r.stdout
-    # The q8_0 kernels read Q8_0 repacked, 64 rows side by side (ops/quantized.py::row_tiles): every
+    # The q8_0 kernels read Q8_0 repacked, 64 rows side by side (ops/quant/tiles.py::row_tiles): every
     # matrix is copied at load, its rows padded to a multiple of 64; N x K int8 values and N x K/32
     # scales widened to float32. Nothing of the directory's Q8_0 is read as loaded.
     D, F, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]

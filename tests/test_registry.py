@@ -12,6 +12,7 @@ import tinyllm
 from ops.check import check_variant
 from ops.registry import VARIANTS, default_variant, variant
 from tinyllm import schedule
+from tinyllm.plugins import load_plugins
 from tinyllm.schedule import ScheduleError
 
 PLANTED = Path(__file__).parent / "plugins" / "planted_bugs.py"
@@ -49,7 +50,7 @@ def test_check_catches_every_planted_bug_with_the_default_budget_and_seed():
 @pytest.fixture
 def planted():
     """The planted variants registered in this process, removed again afterwards."""
-    schedule.load_plugins([str(PLANTED)])
+    load_plugins([str(PLANTED)])
     yield
     for label in PLANTED_VARIANTS:
         op_name, name = label.split("=")
@@ -72,7 +73,7 @@ def test_the_q8_0_flip_allowance_does_not_hide_unrounded_activations(op_name):
     # The q8_0 composites may differ from their quantised reference by roundings that flip to the
     # neighbouring level; a kernel that does not round at all must still fail (qkv_rope's allowance
     # once let it pass: four times the largest quantum·|w| of any row, whatever the rounding did).
-    schedule.load_plugins([str(PLANTED_Q8_0)])
+    load_plugins([str(PLANTED_Q8_0)])
     try:
         result = check_variant(op_name, "planted_unrounded")
     finally:
@@ -257,3 +258,51 @@ def test_a_variant_with_its_own_quantised_reference_is_judged_against_it():
     finally:
         VARIANTS["linear"].pop("eighths")
         VARIANTS["linear"].pop("eighths_unjudged")
+
+
+def test_an_op_declared_with_its_strategy_or_given_one_afterwards():
+    # The family files attach strategies after the reference (`rmsnorm.strategy(...)`); a plugin may
+    # pass them to `@op` directly. Either way the harness finds them, and a second one is refused.
+    from ops.registry import OPS, RegistryError, op
+
+    def inputs():
+        from hypothesis import strategies as st
+
+        return st.tuples(st.integers(-5, 5))
+
+    @op("plugin_square", rule=ops.registry.EXACT, inputs=inputs, examples=lambda: [(3,)])
+    def square(x):
+        return x * x
+
+    @op("later_square", rule=ops.registry.EXACT)
+    def later(x):
+        return x * x
+
+    try:
+        assert later.strategy(inputs, examples=lambda: [(2,)]) is later
+        variant("plugin_square", "same")(lambda x: x ** 2)
+        variant("later_square", "same")(lambda x: x ** 2)
+        assert check_variant("plugin_square", "same", max_examples=5).passed
+        assert check_variant("later_square", "same", max_examples=5).passed
+        with pytest.raises(RegistryError):
+            square.strategy(inputs)
+    finally:
+        for name in ("plugin_square", "later_square"):
+            OPS.pop(name)
+            VARIANTS.pop(name)
+
+
+def test_the_op_table_names_no_op_for_its_thread_policy():
+    # Which ops read the projections comes from their declarations (`projections=`), the LM head
+    # (own_format) aside; the forward pass's thread policy is the table's (ops/threads.py).
+    from ops.registry import OPS, OpTable
+
+    choice = {name: default_variant(name) for name in OPS}
+    table = OpTable(choice)
+    assert not table.quantized_projections
+    with table.forward_pass(128):
+        pass
+    head = next(v for v in VARIANTS["norm_head"].values() if v.weight_format not in ("fp32", "any"))
+    assert not OpTable({**choice, "norm_head": head.name}).quantized_projections  # a quantised head alone
+    linear = next(v for v in VARIANTS["linear"].values() if v.weight_format not in ("fp32", "any"))
+    assert OpTable({**choice, "linear": linear.name}).quantized_projections  # composed composites read it

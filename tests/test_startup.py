@@ -11,7 +11,7 @@ import sys
 
 def test_second_start_loads_every_kernel_from_the_cache(tiny_model_dir, tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), NUMBA_DEBUG_CACHE="1")
-    # a 5-token prompt takes the prefill path (above FEW_ROWS), then decode steps take the one-row kernels
+    # a 5-token prompt takes the prefill path (above DECODE_MAX_ROWS), then decode steps take the one-row kernels
     args = [sys.executable, "-m", "tinyllm", "generate", "hello", "--raw", "--max-new-tokens", "6",
             "--model", str(tiny_model_dir), "--ops", "fused"]
     first = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)

@@ -5,8 +5,7 @@ import pytest
 
 import ops.threads
 from ops.linear import weights_times_transposed
-from ops.quant import BLOCK, Int8, Q4_1, Q8_0
-from ops.quantized import PREPARED
+from ops.quant import BLOCK, PREPARED, Int8, Q4_1, Q8_0
 from ops.registry import OPS, OpTable, default_variant
 from ops.threads import blas_threads, product_workers, split_products
 from tinyllm.schedule import parse
@@ -56,7 +55,7 @@ def test_a_split_product_is_the_whole_product(fmt, rows, workers, monkeypatch):
     """Every row is computed once, by one part: the parts start on multiples of 16 rows (inside q8_0's
     64-row tiles too); 7 rows make one part, 333 make `workers` parts and a ragged last one. The
     tiles are made small (32 rows' worth in all), so that a part takes several."""
-    import ops.linear
+    import ops.quant.prefill
 
     name = {Int8: "int8", Q8_0: "q8_0", Q4_1: "q4_1"}[fmt]
     rng = np.random.default_rng(rows)
@@ -64,7 +63,7 @@ def test_a_split_product_is_the_whole_product(fmt, rows, workers, monkeypatch):
     x = rng.standard_normal((20, 3 * BLOCK)).astype(np.float32)
     whole = weights_times_transposed(weight, x)
     monkeypatch.setattr(ops.threads, "blas_threads", lambda: workers)
-    monkeypatch.setattr(ops.linear, "TILE_BYTES", 32 * 3 * BLOCK * 4)
+    monkeypatch.setattr(ops.quant.prefill, "TILE_BYTES", 32 * 3 * BLOCK * 4)
     calls = []
     dequantize_rows = type(weight).dequantize_rows
     monkeypatch.setattr(type(weight), "dequantize_rows",

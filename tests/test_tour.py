@@ -1,4 +1,6 @@
-"""docs/TOUR.md stays true: every `file::name` it points at exists, and every command in it runs."""
+"""The docs stay true: every `file::name` that README.md and docs/ point at exists, every `python -m tinyllm ...`
+line they show parses with the CLI's own parser, every relative link leads to a file, and every command in
+docs/TOUR.md runs."""
 import os
 import re
 import shlex
@@ -9,16 +11,108 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [ROOT / "README.md", *DOCS]
 TOUR = (ROOT / "docs" / "TOUR.md").read_text()
+CODE_REFERENCE = re.compile(r"`((?:tinyllm|ops|tests|benchmarks)/[\w/]+\.py)(?:::([\w.]+))?`")
 
 
-def test_every_code_reference_exists():
-    refs = re.findall(r"`((?:tinyllm|ops|tests)/[\w/]+\.py)(?:::([\w.]+))?`", TOUR)
-    assert len(refs) > 30, "the tour lost its code references"
+def page_id(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_code_reference_exists(page):
+    refs = CODE_REFERENCE.findall(page.read_text())
+    if page.name == "TOUR.md":
+        assert len(refs) > 30, "the tour lost its code references"
+    missing = []
     for path, name in refs:
-        source = (ROOT / path).read_text()
+        file = ROOT / path
+        if not file.is_file():
+            missing.append(path)
+            continue
+        source = file.read_text()
         for part in name.split(".") if name else []:  # Class.method: both must be defined in the file
-            assert re.search(rf"^\s*(def|class) {part}\b|^{part} = ", source, re.M), f"{path}::{name} not found"
+            if not re.search(rf"^\s*(def|class) {part}\b|^{part}\s*(:[^=\n]*)?=", source, re.M):
+                missing.append(f"{path}::{name}")
+    assert not missing, f"{page_id(page)} points at names that are not there: {', '.join(missing)}"
+
+
+def code_lines(text: str) -> list[str]:
+    """The lines a reader would type: inside ``` fences, or indented 4 spaces outside them."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif fenced or line.startswith("    "):
+            lines.append(line)
+    return lines
+
+
+def cli_commands(text: str) -> list[str]:
+    """Each code line that runs `python -m tinyllm`, as written."""
+    return [line.strip() for line in code_lines(text) if "python -m tinyllm" in line]
+
+
+def cli_argv(command: str) -> list[str]:
+    """The arguments after `python -m tinyllm`, read like a shell: quotes, comments, and the command cut at
+    a pipe, `;`, `&&` or a redirection (so a quoted `|` or `;` argument would cut it too: the docs have none)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    tokens = list(lexer)
+    segments, current = [], []
+    for token in tokens:
+        if token and set(token) <= set("|&;<>()"):
+            segments.append(current)
+            current = []
+        else:
+            current.append(token)
+    segments.append(current)
+    for words in segments:
+        for i in range(len(words) - 2):
+            if words[i:i + 3] == ["python", "-m", "tinyllm"]:
+                return words[i + 3:]
+    raise AssertionError(f"no `python -m tinyllm` in {command!r}")
+
+
+DOC_COMMANDS = [(page_id(page), command) for page in PAGES for command in cli_commands(page.read_text())]
+
+
+def test_the_docs_have_commands():
+    assert len(DOC_COMMANDS) > 40
+    assert {page for page, _ in DOC_COMMANDS} >= {"README.md", "docs/TOUR.md", "docs/cli.md"}
+
+
+@pytest.mark.parametrize("page,command", DOC_COMMANDS, ids=[f"{p}: {c}" for p, c in DOC_COMMANDS])
+def test_every_command_in_the_docs_parses(page, command, capsys):
+    from tinyllm.cli import build_parser
+
+    argv = cli_argv(command)
+    asks_for_help = any(a in ("-h", "--help", "--version") for a in argv)
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as e:
+        if not (asks_for_help and e.code == 0):
+            pytest.fail(f"{page}: `{command}` does not parse:\n{capsys.readouterr().err}")
+    else:
+        assert not asks_for_help, f"{page}: `{command}` should have printed help and exited"
+
+
+def test_the_command_reader_reads_like_a_shell():
+    assert cli_argv("python -m tinyllm ops -v   # what runs") == ["ops", "-v"]
+    assert cli_argv("""printf 'a\\nb\\n' | python -m tinyllm chat --show-prompt""") == ["chat", "--show-prompt"]
+    assert cli_argv("""$ python -m tinyllm generate "Hi there" --stop '.' > out.txt""") == [
+        "generate", "Hi there", "--stop", "."]
+    assert cli_argv("pip install -e . && python -m tinyllm generate x --raw") == ["generate", "x", "--raw"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_relative_link_leads_to_a_file(page):
+    links = re.findall(r"\]\(([^)\s]+)\)", page.read_text())
+    broken = [link for link in links if not re.match(r"[a-z]+:", link) and not link.startswith("#")
+              and not (page.parent / link.split("#")[0]).exists()]
+    assert not broken, f"{page_id(page)} links to files that are not there: {broken}"
 
 
 def tour_commands():

@@ -8,9 +8,9 @@ __version__ = "0.1.0"
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "load": "api", "Model": "api", "ContextLimitWarning": "api",
+    "load": "api", "Model": "api",
     "TinyLLMError": "errors", "ModelError": "errors", "PullError": "errors", "ContextError": "errors",
-    "NumericsError": "errors", "ModelWarning": "errors", "ScheduleError": "schedule",
+    "NumericsError": "errors", "ScheduleError": "errors", "ContextLimitWarning": "errors", "ModelWarning": "errors",
 }
 __all__ = ["load", "Model", "TinyLLMError", "ModelError", "PullError", "ContextError", "NumericsError",
            "ScheduleError", "ContextLimitWarning", "ModelWarning", "__version__"]

@@ -12,17 +12,15 @@ from typing import Iterator
 
 import numpy as np
 
-from .config import read_json
-from .errors import ContextError, ModelError, TinyLLMError
-from .generate import GenerationStats, Sampling, generate_tokens
-from .loading import read_quantization, release_free_heap
-from .model import KVCache, Transformer
 from . import schedule as scheduling
+from .config import read_json
+from .errors import ContextError, ContextLimitWarning, ModelError, ScheduleError, TinyLLMError
+from .generate import GenerationStats, Sampling, generate_tokens
+from .loading import read_quantization
+from .model import KVCache, Transformer
+from .placement import release_free_heap
+from .pull import default_model_dir, is_model_dir, pull
 from .tokenizer import StreamDecoder, Tokenizer
-
-
-class ContextLimitWarning(UserWarning):
-    """Generation stopped because the model's context window is full."""
 
 
 class Model:
@@ -37,10 +35,10 @@ class Model:
         stored = _quantized_for(self.path) if ops is None else None
         try:  # validated before the weights are read
             self.schedule = scheduling.parse(stored or ops)  # a model saved by `tinyllm quantize`: its schedule
-        except scheduling.ScheduleError as e:
+        except ScheduleError as e:
             if stored is None:
                 raise
-            raise scheduling.ScheduleError(f"{self.path} was quantised for --ops {stored}, which cannot run here "
+            raise ScheduleError(f"{self.path} was quantised for --ops {stored}, which cannot run here "
                                            f"(give --ops): {e}") from None
         self.check_numerics = check_numerics
         self.transformer = Transformer.from_dir(self.path, check_numerics=check_numerics)
@@ -70,7 +68,7 @@ class Model:
     def swap(self, op: str, variant: str) -> None:
         """Run `variant` for `op` from now on (e.g. `model.swap("attention", "reference")`); only the weights
         whose preparation changes are prepared again. The weights then move into a new block of huge
-        pages (schedule.py::_into_huge_pages): a swap copies them all and holds two copies for a moment."""
+        pages (tinyllm/placement.py): a swap copies them all and holds two copies for a moment."""
         self.use(f"{self.schedule.spec},{op}={variant}")
 
     def use(self, ops) -> None:
@@ -282,8 +280,6 @@ def load(path: str | Path | None = None, ops=None, progress: bool = True, check_
     `check_numerics=True` refuses weights holding NaN/Inf and checks every op's output, raising a
     NumericsError that names the first op and layer to produce NaN/Inf (slower; off by default)."""
     if path is None:
-        from .pull import default_model_dir, is_model_dir, pull
-
         path = default_model_dir()
         if not is_model_dir(path):
             path = pull(progress=progress)

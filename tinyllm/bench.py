@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import TinyLLMError
+from .files import check_writable, save_png, write_text_atomic
+from .texts import first_tokens, pydoc_text
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 SETTLE_S = 0.5
@@ -53,9 +55,7 @@ def peak_rss_mib() -> float:
 
 def bench_prompt(tokenizer_encode, n_tokens: int) -> list[int]:
     """A fixed English prompt: the first `n_tokens` tokens of eval's text, the standard library's
-    pydoc topics (ships with every Python)."""
-    from .eval import first_tokens, pydoc_text
-
+    pydoc topics (tinyllm/texts.py)."""
     ids = first_tokens(tokenizer_encode, pydoc_text().text, n_tokens)
     if len(ids) < n_tokens:
         raise TinyLLMError(f"the benchmark text gives only {len(ids)} tokens")
@@ -91,9 +91,11 @@ def machine_info(threads: int | None) -> dict:
 
 def worker(model_path: str | None, spec: str, prompt_tokens: int, new_tokens: int, plugins: list[str]) -> None:
     """Load the model with schedule `spec`, warm up, then answer the parent's commands."""
+    # Here, not at the top: the parent's command line imports this module (THREAD_VARS) before
+    # --threads is applied, so nothing that loads NumPy may be imported with it.
     import tinyllm  # already imported by `python -m tinyllm.bench`, with NumPy and Numba
-    from tinyllm.loading import release_free_heap
-    from tinyllm.schedule import load_plugins
+    from tinyllm.placement import release_free_heap
+    from tinyllm.plugins import load_plugins
 
     load_plugins(plugins)
     rss_imports = rss_mib()
@@ -136,14 +138,15 @@ def worker(model_path: str | None, spec: str, prompt_tokens: int, new_tokens: in
 
 def warm_up_kernels(spec: str) -> None:
     """Run schedule `spec` on a tiny random model first, so its compiled kernels are loaded from
-    Numba's cache (or compiled) before the real weights are measured. That is ~40 MiB of Numba
-    runtime and machine code: code, like an import, which `kernels_rss_mib` reports on its own,
-    and not part of `weights_rss_mib`. The sizes take the same code paths as the real model
-    (a prefill above FEW_ROWS rows, decode steps with enough work for the parallel attention)."""
+    Numba's cache (or compiled) before the real weights are measured. The Numba runtime and machine
+    code are code, like an import, which `kernels_rss_mib` reports on its own, and not part of
+    `weights_rss_mib`. The sizes take the same code paths as the real model (a prefill of more rows
+    than decode's few, decode steps with enough work for the parallel attention)."""
     from tinyllm import schedule as scheduling
+    from tinyllm.checkpoint import random_checkpoint
     from tinyllm.config import Config
     from tinyllm.generate import GenerationStats, Sampling, generate_tokens
-    from tinyllm.model import Transformer, random_checkpoint
+    from tinyllm.model import Transformer
 
     cfg = Config.from_dict({"vocab_size": 64, "hidden_size": 128, "intermediate_size": 192, "num_hidden_layers": 1,
                             "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 160,
@@ -350,8 +353,6 @@ def report(engines: list[Engine], *, threads: int | None, prompt_tokens: int, ne
            json_path=None, plot_path=None) -> None:
     """What `bench` (and benchmarks/compare.py) ends with: the machine, the table and any profiles on
     stdout, then the --json file and the --plot PNG if asked for."""
-    from .files import write_text_atomic
-
     info = machine_info(threads)
     print(f"{info['cpu']}, {info['cores']} cores, threads {threads or 'default'}, python {info['python']}, "
           f"numpy {info['numpy']}, numba {info['numba']}, BLAS {info['blas']}")
@@ -372,8 +373,6 @@ def check_outputs(json_path, plot_path) -> None:
     path can be written, and --plot has matplotlib."""
     import importlib.util
 
-    from .files import check_writable
-
     if json_path is not None:
         check_writable(json_path, "--json")
     if plot_path is not None:
@@ -390,8 +389,6 @@ def plot(engines: list[Engine], path) -> None:
 
     matplotlib.use("Agg")  # draw into a file; no window, no display needed
     import matplotlib.pyplot as plt
-
-    from .files import save_png
 
     profiled = [e for e in engines if e.profile]
     if not profiled:

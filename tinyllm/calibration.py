@@ -1,4 +1,4 @@
-"""Calibration for GPTQ rounding (ops/gptq.py) and smoothing (tinyllm/smoothing.py): what each
+"""Calibration for GPTQ rounding (ops.quant.gptq) and smoothing (tinyllm/smoothing.py): what each
 projection's inputs look like.
 
 GPTQ needs, for every projection W, the second moments H = Σ x xᵀ of the inputs x it multiplies;
@@ -8,48 +8,17 @@ of its op table is wrapped, so every projection's input passes by (the unfused c
 `linear` for Q, K, V, the MLP's gate, up and down, and the LM head). Projections that read the same
 input (Q, K and V; gate and up) share one H.
 
-The default text is the docstrings of a fixed list of standard-library modules: English prose that
-ships with every Python, and not the text `tinyllm eval` scores (pydoc_data.topics), so an eval of a
-GPTQ model is not flattered by having been calibrated on what it is scored on.
+The default text is tinyllm/texts.py::docstring_text, not the text `tinyllm eval` scores.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import TinyLLMError
-from .eval import Text, windows
-
-DEFAULT_TOKENS = 4096  # calibration tokens: 8 windows of 512
-WINDOW = 512
-DOCSTRING_MODULES = (
-    "abc argparse ast asyncio bisect collections contextlib copy csv dataclasses datetime decimal difflib dis "
-    "email enum fractions functools heapq http.client inspect io itertools json logging math multiprocessing "
-    "os pathlib pickle pprint random re shutil socket sqlite3 ssl statistics string struct subprocess tarfile "
-    "tempfile textwrap threading tokenize typing unittest urllib.request zipfile").split()
-
-
-def docstring_text() -> Text:
-    """The default calibration text: each module's docstring, then those of its public functions and
-    classes in sorted name order, joined by blank lines."""
-    parts = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # typing.io and typing.re say they are going
-        for name in DOCSTRING_MODULES:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:  # a Python built without it (ssl, sqlite3): its docstrings are not there
-                continue
-            parts.append(module.__doc__ or "")
-            for attr, obj in sorted(vars(module).items()):
-                if (not attr.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
-                        and getattr(obj, "__module__", None) == module.__name__ and obj.__doc__):
-                    parts.append(obj.__doc__)
-    return Text("standard-library docstrings", "\n\n".join(p for p in parts if p))
+from .schedule import apply, parse
+from .texts import DEFAULT_WINDOW, windows
 
 
 def projection_inputs(transformer) -> dict[int, str]:
@@ -79,10 +48,8 @@ class Calibration:
 
 def calibrate(transformer, ids: list[int], progress: bool = True) -> Calibration:
     """What each projection's inputs look like while the model reads `ids` in independent windows of
-    WINDOW tokens (or of its context, if shorter). The transformer is left on the `reference` schedule."""
+    DEFAULT_WINDOW tokens (or of its context, if shorter). The transformer is left on the `reference` schedule."""
     from tqdm import tqdm
-
-    from .schedule import apply, parse
 
     apply(transformer, parse("reference"))  # float32 everywhere (a quantised model is dequantised)
     sites = projection_inputs(transformer)
@@ -101,7 +68,7 @@ def calibrate(transformer, ids: list[int], progress: bool = True) -> Calibration
 
     transformer.ops.linear = recording_linear
     try:
-        chunks = windows(ids, min(WINDOW, transformer.cfg.max_seq_len))
+        chunks = windows(ids, min(DEFAULT_WINDOW, transformer.cfg.max_seq_len))
         for chunk in tqdm(chunks, desc="calibrating", unit="window", disable=None if progress else True):
             transformer.forward(np.asarray(chunk))
     finally:

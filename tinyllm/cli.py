@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import TinyLLMError
+from .texts import DEFAULT_TOKENS, DEFAULT_WINDOW
 
 
 def main(argv=None) -> int:
@@ -20,7 +21,7 @@ def main(argv=None) -> int:
     try:
         if getattr(args, "sets_threads", False) and args.threads is not None:
             set_threads(args.threads)  # before anything imports NumPy or Numba (plugins included)
-        from .schedule import load_plugins, plugins_from_env
+        from .plugins import load_plugins, plugins_from_env
 
         load_plugins(plugins_from_env() + (args.plugin or []))  # variants register before --ops is read
         return args.run(args)
@@ -59,46 +60,39 @@ def build_parser() -> argparse.ArgumentParser:
     # Every command accepts --plugin: a user's variants are listed, checked and run like ours.
     plugin = _Parser(add_help=False)
     plugin.add_argument("--plugin", action="append", metavar="MODULE",
-                        help="import MODULE (a dotted name or a .py file) first, so the variants it registers "
-                        "can be used; repeatable; $TINYLLM_PLUGINS adds a comma-separated list")
+                        help="import MODULE (dotted name or .py file) first, for its variants; repeatable; "
+                        "$TINYLLM_PLUGINS adds more")
 
     g = sub.add_parser(
         "generate", help="continue a prompt, streaming the text", parents=[plugin, _generation_options()],
         description="Continue PROMPT with the model, streaming new text to stdout. Decoding is greedy, and so "
         "deterministic, unless --temperature is given. For instruct models the prompt goes through the "
         "model's chat template as a user message (use --raw to feed it as is).")
-    g.add_argument("prompt", nargs="?",
-                   help="the prompt text; - reads it from standard input (one final newline is dropped)")
-    g.add_argument("--file", metavar="PATH", help="read the prompt from the UTF-8 text file PATH instead "
-                   "(one final newline is dropped)")
+    g.add_argument("prompt", nargs="?", help="the prompt text; - reads standard input (one final newline dropped)")
+    g.add_argument("--file", metavar="PATH", help="read the prompt from this UTF-8 file (one final newline dropped)")
     g.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="stop after N new tokens (default 128)")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     g.add_argument("--check-numerics", action="store_true",
-                   help="refuse weights holding NaN/Inf, and check every op's output: the first op to produce "
-                   "NaN/Inf is an error naming it and its layer (slower; for debugging variants)")
+                   help="refuse NaN/Inf weights and name the first op to produce NaN/Inf (slower)")
     g.set_defaults(run=cmd_generate)
 
     t = sub.add_parser(
         "chat", help="talk with the model, turn by turn", parents=[plugin, _generation_options()],
-        description="A conversation: type a message, the answer streams back. Every turn the whole conversation "
-        "goes through the model's chat template, so it answers in context; when it outgrows the context, the "
-        "oldest exchanges are dropped (the system message stays) with a warning. /reset clears the history, "
-        "/exit or Ctrl-D leaves, Ctrl-C stops the answer being written. When standard input is not a terminal "
-        "each line is one message, and an error ends the session (exit 2).")
+        description="A conversation: type a message, the answer streams back, in the context of the whole "
+        "conversation (the oldest exchanges are dropped, with a warning, when it outgrows the context). /reset "
+        "clears the history, /exit or Ctrl-D leaves, Ctrl-C stops an answer. When standard input is not a "
+        "terminal each line is one message, and an error ends the session (exit 2).")
     t.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
-                   help="longest answer, in tokens (default 512); this much room (at most half the context) is "
-                   "kept free for it when old exchanges are dropped")
+                   help="longest answer in tokens, kept free when old exchanges are dropped (default 512)")
     t.add_argument("--show-prompt", action="store_true",
-                   help="before each answer, print to stderr the whole prompt the model reads: the conversation "
-                   "rendered by the chat template, with its token count")
+                   help="print the whole prompt the model reads, and its token count, to stderr")
     t.set_defaults(run=cmd_chat)
 
     i = sub.add_parser(
         "info", help="describe a model: architecture, parameters, memory, tokenizer, schedule", parents=[plugin],
-        description="Load a model with a schedule and describe it: its architecture and config, parameter count, "
-        "the bytes its weights take in memory per number format (with what the schedule's prepare steps hold, "
-        "such as fused's concatenated Q/K/V), its tokenizer (vocabulary, special tokens, chat template) and "
-        "which variant each op runs.")
+        description="Load a model with a schedule and describe it: architecture, parameter count, the bytes its "
+        "weights take in memory per number format (with what the schedule's prepare steps made), its tokenizer "
+        "and which variant each op runs.")
     _add_model_args(i)
     i.set_defaults(run=cmd_info)
 
@@ -117,37 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     qz = sub.add_parser(
         "quantize", help="save a model with its projections stored quantised, for a schedule", parents=[plugin],
         description="Write the model to a new directory in which every projection (and the LM head, where the "
-        "schedule reads it quantised) is stored in the format the schedule SPEC reads it in: int8, q8_0, q4_0 or "
-        "q4_1 values and their scales, as safetensors tensors NAME.q/.scale, NAME.qs/.d/.m. Every other tensor "
-        "stays float32; config and tokenizer files are copied. `--model DIR` then loads it without quantising "
-        "anything, and runs SPEC unless given --ops. By default the integer codes are chosen by GPTQ: the float32 "
-        "model first reads a calibration text (the standard library's docstrings, not eval's text) to learn what "
-        "each projection's inputs look like, and each matrix is rounded so that its outputs on such inputs stay "
-        "close (same format and scales as rounding to nearest, fewer errors), and for q8_0, which rounds the "
-        "activations too, their outlier features are first moved into the weights (smoothing). About 40 seconds "
-        "for the default model.")
+        "schedule reads it quantised) is stored in the format schedule SPEC reads it in; every other tensor "
+        "stays float32. `--model DIR` then loads it without quantising anything, and runs SPEC unless given "
+        "--ops. By default the integer codes are chosen by GPTQ, calibrated on the standard library's "
+        "docstrings (not eval's text), and q8_0's activations are smoothed first.")
     qz.add_argument("--ops", metavar="SPEC", required=True,
-                    help="the schedule to store the weights for: a quantised preset (int8, q8_0, q4_0, q4_1) or a "
-                    "spec whose linear or composite variants read a quantised format")
+                    help="the schedule to store the weights for: int8, q8_0, q4_0, q4_1, or a quantised spec")
     qz.add_argument("--out", metavar="DIR", required=True, help="the directory to write (new, or empty)")
-    qz.add_argument("--model", metavar="PATH",
-                    help="the model to quantise (default: the default model, pulled if missing)")
-    qz.add_argument("--force", action="store_true",
-                    help="replace a non-empty --out (removed only once the new model is complete)")
+    qz.add_argument("--model", metavar="PATH", help="the model to quantise (default: the default model, pulled if missing)")
+    qz.add_argument("--force", action="store_true", help="replace a non-empty --out (only once the new one is complete)")
     qz.add_argument("--rounding", choices=["gptq", "nearest"], default="gptq",
-                    help="how each weight's integer code is chosen: gptq (default) keeps each projection's outputs "
-                    "close on the calibration text; nearest rounds every weight on its own, as the presets do when "
-                    "they quantise at load (and as llama.cpp's quantiser does: bit for bit the same; no calibration "
-                    "unless --smooth is given)")
+                    help="gptq (default): calibrated codes; nearest: each weight on its own, as at load")
     qz.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
-                    help="for formats that round activations too (q8_0): move the activations' outliers into the "
-                    "weights, scaling input feature j by 1/s_j and weight column j by s_j, s_j = max|x_j|^ALPHA / "
-                    "max|W_j|^(1-ALPHA), folded into the norms and up_proj (SmoothQuant; default 0.5 with --rounding gptq, "
-                    "0 (off) with nearest)")
+                    help="SmoothQuant strength for q8_0's activations, 0 (off) to 1 (default 0.5 with gptq, 0 with nearest)")
     qz.add_argument("--calibration-text", metavar="FILE",
-                    help="calibrate GPTQ on this UTF-8 text file (default: the standard library's docstrings)")
+                    help="calibrate on this UTF-8 text file (default: the standard library's docstrings)")
     qz.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
-                    help="calibrate on the first N tokens of the text (default 4096)")
+                    help=f"calibrate on the first N tokens of the text (default {DEFAULT_TOKENS})")
     qz.set_defaults(run=cmd_quantize)
 
     o = sub.add_parser(
@@ -158,22 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
         "scheduled primitive ops (`composed`) unless a fused variant is chosen.")
     o.add_argument("--ops", metavar="SPEC", default=None, help=SPEC_HELP)
     o.add_argument("--model", metavar="PATH",
-                   help="also say what this model directory stores (formats written by `tinyllm quantize`); its "
-                   "default schedule is then the one it was quantised for")
-    o.add_argument("-v", "--verbose", action="store_true",
-                   help="also say why each tolerance is what it is, and what each variant is")
+                   help="also say what this model directory stores (its default schedule is then its own)")
+    o.add_argument("-v", "--verbose", action="store_true", help="also say why each tolerance is what it is, and what each variant is")
     o.set_defaults(run=cmd_ops)
 
     c = sub.add_parser(
         "check", help="prove variants equal to the reference with Hypothesis", parents=[plugin],
         description="Run the property-based equivalence check: each selected variant against its op's NumPy "
-        "reference (a quantised variant against its quantised reference: the weights dequantised, the "
-        "activations rounded as its format does), on the op's explicit edge cases and then on generated inputs. "
-        "Prints PASS or FAIL (with the observed error on the smallest failing example) per variant; exits 1 if "
-        "any fails. Same command, same verdict: the seed is fixed unless --seed is given.")
+        "reference (a quantised variant against its quantised reference), on the op's edge cases and then on "
+        "generated inputs. Prints PASS or FAIL per variant; exits 1 if any fails. The seed is fixed unless "
+        "--seed is given.")
     c.add_argument("selection", nargs="?", default="",
-                   help="comma-separated: an op (all its variants), op=variant, or a preset (the variants it "
-                   "uses); default: every variant that is not a reference")
+                   help="comma-separated ops, op=variant items or presets (default: every non-reference variant)")
     c.add_argument("--examples", type=int, default=100, metavar="N", help="generated examples per variant (default 100)")
     c.add_argument("--seed", type=int, default=0, metavar="S", help="Hypothesis seed (default 0)")
     c.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -182,71 +158,51 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench", help="measure prefill, decode, time to first token and memory of schedules", parents=[plugin],
         description="Benchmark schedules side by side: each in its own process, rounds alternating between them "
-        "(A B A B ...) after a warm-up, reporting the median (min-max) of prefill tokens/s on a 128-token prompt, "
-        "decode tokens/s over 128 new tokens (greedy, batch 1, EOS ignored), time to first token, load time, and "
-        "memory: weights = RSS after loading and preparing (loading reads every tensor once, so memory-mapped "
-        "weights are resident, except the embedding's where no head reads the whole table: of it only the rows "
-        "looked up come back; the heap's free memory is handed back first) minus RSS before loading; kernels = the "
-        "Numba runtime and compiled code, "
-        "loaded first on a tiny random model, so that weights holds no code; peak = the process's peak RSS.")
+        "after a warm-up, reporting the median (min-max) of prefill and decode tokens/s (greedy, batch 1, EOS "
+        "ignored), time to first token, load time, and memory (weights, kernels and peak RSS).")
     _add_model_args(b, ops=False)
     b.add_argument("--ops", action="append", metavar="SPEC",
-                   help="a schedule to measure, e.g. fused or fused,attention=reference (repeatable; default: every "
-                   "preset; `tinyllm ops` lists the names)")
-    _add_quantized_arg(b, "measure", "")
+                   help="a schedule to measure (repeatable; default: every preset)")
+    _add_quantized_arg(b)
     b.add_argument("--rounds", type=int, default=3, metavar="N", help="timed runs per schedule (default 3)")
     b.add_argument("--prompt-tokens", type=int, default=128, metavar="N", help="prompt length (default 128)")
     b.add_argument("--new-tokens", type=int, default=128, metavar="N", help="tokens to decode (default 128)")
-    b.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="BLAS and Numba threads in each run (default: their own defaults, all cores)")
-    b.add_argument("--profile", action="store_true",
-                   help="also print a per-op time breakdown of a prefill and of a decode step")
+    b.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+    b.add_argument("--profile", action="store_true", help="also print each op's time in a prefill and a decode step")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    b.add_argument("--plot", metavar="PATH", help="also draw the per-op breakdown of each schedule as stacked bars "
-                   "into a PNG at PATH (implies --profile; needs matplotlib: pip install 'tinyllm-edu[plot]')")
+    b.add_argument("--plot", metavar="PATH", help="also draw the profile as stacked bars into a PNG (implies --profile; "
+                   "needs matplotlib)")
     b.set_defaults(run=cmd_bench)
 
     e = sub.add_parser(
         "eval", help="measure what schedules cost in accuracy: perplexity, KL and top-1 against reference",
         parents=[plugin],
-        description="Score schedules on a fixed text: by default the first --tokens tokens of the standard "
-        "library's pydoc_data.topics prose (in every Python), tokenized without BOS, in independent windows of "
-        "--window tokens, each predicting its own next tokens. For each schedule (the float32 reference is always "
-        "the first row): perplexity, and against reference on the same positions the mean KL divergence "
-        "KL(reference || schedule) and top-1 agreement (the share of positions where both pick the same token).")
+        description="Score schedules on a fixed text (by default the standard library's pydoc_data.topics prose), "
+        "in independent windows: perplexity, and against the float32 reference (always the first row) the mean "
+        "KL(reference || schedule) and top-1 agreement.")
     _add_model_args(e, ops=False)
     e.add_argument("--ops", action="append", metavar="SPEC",
-                   help="a schedule to score beside reference, e.g. int8 or fused,attention=reference (repeatable; "
-                   "default: every preset; `tinyllm ops` lists the names)")
-    e.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS, metavar="N",
-                   help=f"score the first N tokens of the text (default {DEFAULT_EVAL_TOKENS}; fewer if the text "
-                   "has fewer)")
-    e.add_argument("--window", type=int, default=DEFAULT_EVAL_WINDOW, metavar="N",
-                   help=f"tokens per window (default {DEFAULT_EVAL_WINDOW}); each window is run on its own, from "
-                   "its first token, and scores its N-1 next-token predictions")
+                   help="a schedule to score beside reference (repeatable; default: every preset)")
+    e.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
+                   help=f"score the first N tokens of the text (default {DEFAULT_TOKENS})")
+    e.add_argument("--window", type=int, default=DEFAULT_WINDOW, metavar="N",
+                   help=f"tokens per window, each run on its own (default {DEFAULT_WINDOW})")
     e.add_argument("--text", metavar="FILE", help="score this UTF-8 text file instead of the pydoc text")
-    e.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="BLAS and Numba threads (default: their own defaults, all cores)")
+    e.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
     e.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     e.add_argument("--plot", metavar="PATH",
-                   help="also draw decode tokens/s against KL divergence, one point per schedule, into a PNG at "
-                   "PATH; the speeds are measured like `tinyllm bench` (each schedule in its own process, one "
-                   "round of 32 new tokens) unless --bench-json gives them (needs matplotlib: "
-                   "pip install 'tinyllm-edu[plot]')")
+                   help="also draw decode tokens/s against KL into a PNG, speeds measured as bench does (needs matplotlib)")
     e.add_argument("--bench-json", metavar="FILE",
-                   help="take each schedule's decode tokens/s from FILE, written by an earlier `tinyllm bench "
-                   "--json` run with the same --ops and reference (steadier than --plot's one short round)")
-    _add_quantized_arg(e, "score", ", against --model's float32 reference; e.g. to see what GPTQ rounding buys "
-                       "over the preset's rounding to nearest at load")
+                   help="take the decode speeds from FILE, written by `tinyllm bench --json` with the same --ops")
+    _add_quantized_arg(e)
     e.set_defaults(run=cmd_eval, sets_threads=True)
     return parser
 
 
-def _add_quantized_arg(p, verb: str, more: str) -> None:
+def _add_quantized_arg(p) -> None:
     """--quantized DIR (bench, eval): a row for a `tinyllm quantize` directory beside --model's schedules."""
     p.add_argument("--quantized", action="append", metavar="DIR",
-                   help=f"also {verb} a model directory written by `tinyllm quantize` from --model, with the schedule "
-                   f"it was written for (repeatable; its row is named SPEC @ DIR){more}")
+                   help="also run a `tinyllm quantize` directory made from --model, with its schedule (row SPEC @ DIR)")
 
 
 def _generation_options() -> argparse.ArgumentParser:
@@ -261,14 +217,10 @@ def _generation_options() -> argparse.ArgumentParser:
                    help="sample only among the most likely tokens whose probabilities sum to P (1: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling: same seed, same text")
     p.add_argument("--stop", action="append", metavar="STRING",
-                   help="end the answer where the text produces STRING, which is not printed (repeatable); "
-                   "STRING is taken as is: \"\\n\" is a backslash and an n, in bash $'\\n' is a newline")
-    p.add_argument("--ignore-eos", action="store_true",
-                   help="go on past the end-of-sequence token (until --max-new-tokens, a --stop or the context)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="BLAS and Numba threads (default: their own defaults, all cores)")
-    p.add_argument("--stats", action="store_true",
-                   help="print token counts, time to first token and tokens/s to stderr")
+                   help="end the answer where the text produces STRING, taken as is, not printed (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+    p.add_argument("--stats", action="store_true", help="print token counts, time to first token and tokens/s to stderr")
     p.set_defaults(sets_threads=True)
     return p
 
@@ -286,14 +238,12 @@ def set_threads(n: int) -> None:
     os.environ.update({var: str(n) for var in THREAD_VARS})
 
 
-SPEC_HELP = ("which variant runs for each op: a preset (reference, ...) or op=variant items, comma-separated, "
-             "applied left to right (e.g. fused,attention=reference); `tinyllm ops` lists them; "
-             "default: the fastest exact preset available")
+SPEC_HELP = "the schedule: a preset or op=variant items, e.g. fused,attention=reference (default: fastest exact)"
+THREADS_HELP = "BLAS and Numba threads (default: their own defaults, all cores)"
 
 
 def _add_model_args(p, ops=True):
-    p.add_argument("--model", metavar="PATH",
-                   help="a Hugging Face-layout Llama model directory (default: the default model, pulled if missing)")
+    p.add_argument("--model", metavar="PATH", help="a Llama model directory (default: the default model, pulled if missing)")
     if ops:
         p.add_argument("--ops", metavar="SPEC", default=None, help=SPEC_HELP)
 
@@ -394,8 +344,8 @@ def cmd_pull(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .eval import read_text
     from .quantize import quantize
+    from .texts import read_text
 
     text = read_text(args.calibration_text, "--calibration-text") if args.calibration_text else None
     print(quantize(args.model, args.ops, args.out, force=args.force, rounding=args.rounding, smooth=args.smooth,
@@ -404,49 +354,18 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_ops(args) -> int:
-    from ops.registry import OPS, VARIANTS
-
+    from .info import ops_table
+    from .loading import read_quantization
     from .schedule import parse
 
-    record = None
-    if args.model is not None:
-        from .loading import read_quantization
-
-        record = read_quantization(args.model)
+    record = read_quantization(args.model) if args.model is not None else None
     schedule = parse(args.ops if args.ops is not None or record is None else record.spec)
     print(f"schedule: {schedule.spec}\n")
     if args.model is not None:
         print(f"model {args.model}: " + ("\n".join(record.describe()) if record else
                                          "float weights (not quantised: a quantised schedule quantises them as it "
                                          "loads)") + "\n")
-    rows = [("op", "variants (* runs)", "rule")]
-    for name, op in OPS.items():
-        names = []
-        for var_name, v in VARIANTS[name].items():
-            mark = "*" if schedule.choice[name] == var_name else " "
-            extra = "" if v.available else " (unavailable)"
-            fmt = f" [{v.weight_format}]" if (name == "linear" or op.projections) and v.weight_format != "any" else ""
-            names.append(f"{mark}{var_name}{fmt}{extra}")
-        rules = {str(v.comparison()) for v in VARIANTS[name].values()}
-        label = f"{name} ({' → '.join(op.composite)})" if op.is_composite else name
-        if op.inside:  # checked like any op, but the model calls the op that contains it
-            label += f" (inside {op.inside})"
-        rows.append((label, "  ".join(names), "; ".join(sorted(rules))))
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    for r in rows:
-        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}")
-    if any(op.inside for op in OPS.values()):
-        print("\n(inside X): a building block of X's reference; the model calls X, so scheduling it alone "
-              "changes nothing: a variant of X uses its own")
-    if args.verbose:
-        print("\nwhy the tolerances:")
-        for name, op in OPS.items():
-            if op.rule.why:
-                print(f"  {name}: {op.rule.why}")
-        print("\nwhat each variant is (its docstring's first line; the code is in the module named):")
-        for name in OPS:
-            for v in VARIANTS[name].values():
-                print(f"  {v.label:<24} {v.source:<14} {v.doc}")
+    print(ops_table(schedule, args.verbose))
     return 0
 
 
@@ -498,7 +417,7 @@ def cmd_bench(args) -> int:
     model = args.model
     if model is None and not is_model_dir(default_model_dir()):
         model = str(pull())
-    from .schedule import plugins_from_env
+    from .plugins import plugins_from_env
 
     plugins = plugins_from_env() + (args.plugin or [])  # each child loads them again
     engines = [bench.tinyllm_engine(s, model, args.prompt_tokens, args.new_tokens, plugins) for s in specs]
@@ -511,38 +430,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
-DEFAULT_EVAL_TOKENS, DEFAULT_EVAL_WINDOW = 4096, 512
-
-
 def _quantized_rows(directories, model) -> list[tuple[str, str, str]]:
     """--quantized DIR... (eval, bench): (label "SPEC @ DIR", spec, directory) for each directory, the
     same label in both commands, so that eval --bench-json finds bench's row."""
-    return [(f"{spec} @ {Path(d)}", spec, d) for d in directories or [] for spec in [_quantized_spec(d, model)]]
+    from .quantize import quantized_spec
 
-
-def _quantized_spec(directory, model) -> str:
-    """The schedule the `tinyllm quantize` directory `directory` was written for, after checking that
-    it was quantised from the model directory `model` (quantize copies config.json and the tokenizer
-    as they are)."""
-    from .errors import ModelError
-    from .loading import read_quantization
-
-    path, model = Path(directory), Path(model)
-    if not (path / "config.json").is_file():
-        raise TinyLLMError(f"--quantized {directory}: not a model directory (no config.json)")
-    try:
-        record = read_quantization(path)
-    except ModelError as e:
-        raise TinyLLMError(f"--quantized {directory}: {e}") from None
-    if record is None:
-        raise TinyLLMError(f"--quantized {directory}: not written by `tinyllm quantize` (its model.safetensors "
-                           "has no quantisation record); compare schedules of one model with --ops instead")
-    for name in ("config.json", "tokenizer.json"):
-        ours, theirs = path / name, model / name
-        if ours.is_file() and theirs.is_file() and ours.read_bytes() != theirs.read_bytes():
-            raise TinyLLMError(f"--quantized {directory}: its {name} differs from {model}'s, so it was not "
-                               "quantised from that model; give the model it came from as --model")
-    return record.spec
+    return [(f"{spec} @ {Path(d)}", spec, d) for d in directories or [] for spec in [quantized_spec(d, model)]]
 
 
 def cmd_eval(args) -> int:
@@ -550,6 +443,7 @@ def cmd_eval(args) -> int:
     from .api import load
     from .pull import default_model_dir
     from .schedule import PRESETS, parse
+    from .texts import pydoc_text, read_text
 
     for name, value in [("--tokens", args.tokens), ("--window", args.window)]:
         if value < 2:  # a window of one token predicts nothing
@@ -558,7 +452,7 @@ def cmd_eval(args) -> int:
     for spec in specs:
         parse(spec)  # a bad spec fails here, in one line, before any model loads
     bench.check_outputs(args.json, args.plot)  # unwritable outputs fail now, not after minutes of scoring
-    text = evaluation.read_text(args.text) if args.text is not None else evaluation.pydoc_text()
+    text = read_text(args.text) if args.text is not None else pydoc_text()
     log = (lambda message: print(message, file=sys.stderr)) if sys.stderr.isatty() else (lambda message: None)
 
     quantized = _quantized_rows(args.quantized, args.model if args.model is not None else default_model_dir())
@@ -578,7 +472,7 @@ def cmd_eval(args) -> int:
     if args.plot is not None and speeds is None:
         import gc
 
-        from .schedule import plugins_from_env
+        from .plugins import plugins_from_env
 
         context = reference.config.max_seq_len
         del reference, models

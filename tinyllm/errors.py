@@ -1,4 +1,4 @@
-"""Errors a user can cause. The CLI prints them as one `error:` line and exits 2."""
+"""Every error and warning class of tinyllm. The CLI prints an error as one `error:` line and exits 2."""
 
 
 class TinyLLMError(Exception):
@@ -21,5 +21,13 @@ class NumericsError(TinyLLMError):
     """With numerics checking on: an op produced NaN or Inf, or a checkpoint holds them."""
 
 
+class ScheduleError(TinyLLMError):
+    """An op schedule names an unknown op, variant or preset, an unavailable variant, or a conflict."""
+
+
 class ModelWarning(UserWarning):
     """A model loads, but something in its files looks wrong (unused tensors, NaN/Inf weights)."""
+
+
+class ContextLimitWarning(UserWarning):
+    """Generation stopped because the model's context window is full."""

@@ -1,8 +1,8 @@
 """`python -m tinyllm eval`: what a schedule costs in accuracy, measured on a fixed text.
 
 Every schedule reads the same tokens: by default the first 4096 of the standard library's
-`pydoc_data.topics` prose (it ships with every Python, so anyone can reproduce the figures), tokenized
-without BOS, cut into independent windows of 512 tokens. In a window each position predicts the next
+`pydoc_data.topics` prose (tinyllm/texts.py), tokenized without BOS, cut into independent windows of
+512 tokens. In a window each position predicts the next
 token, so a window of 512 scores 511 positions, and every schedule is scored on the same positions:
 
 - **perplexity**: exp of the mean negative log-likelihood of the true next tokens;
@@ -24,7 +24,6 @@ earlier `tinyllm bench --json` run (`--bench-json`), which is steadier.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -34,59 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
+from . import bench
 from .errors import TinyLLMError
+from .files import save_png, write_text_atomic
+from .texts import Text, first_tokens, windows
 
-PYDOC_SOURCE = "pydoc_data.topics"
-MARGIN = 64  # tokens tokenized past the last one kept (see first_tokens)
 ROWS = 64  # positions whose log-probabilities are computed at once (64 x 49152 float64 = 25 MB)
 SPEED_PROMPT_TOKENS, SPEED_NEW_TOKENS = 128, 32  # decode speed for --plot: one short bench round
-
-
-# ---------------------------------------------------------------------------------- the text
-
-
-@dataclass(frozen=True)
-class Text:
-    source: str  # "pydoc_data.topics" or the --text path as given
-    text: str
-
-    @property
-    def sha256(self) -> str:
-        """Of the whole text as UTF-8: names exactly which text the figures were measured on."""
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
-
-
-def pydoc_text() -> Text:
-    """The default text: the documentation topics of `pydoc_data.topics`, in sorted key order,
-    joined by a blank line (the prose `tinyllm bench` prompts with, too). It changes a little
-    between Python versions, so the JSON records the version and the text's sha256."""
-    from pydoc_data.topics import topics
-
-    return Text(PYDOC_SOURCE, "\n\n".join(topics[k] for k in sorted(topics)))
-
-
-def read_text(path, flag: str = "--text") -> Text:
-    """A user's text file (given as `flag`), which must be UTF-8."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise TinyLLMError(f"cannot read {flag} {path}: {e.strerror or e}") from None
-    try:
-        return Text(str(path), raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise TinyLLMError(f"{flag} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
-
-
-def first_tokens(encode, text: str, n: int) -> list[int]:
-    """The first `n` token ids of `text` (all of them if it has fewer). Tokenizing a long text whole
-    would be wasted work, so a prefix is tokenized, doubled until it gives MARGIN tokens past `n`:
-    a cut changes only the tokens of the word it falls in, so the first `n` are the whole text's."""
-    chars = (n + MARGIN) * 8  # English runs ~4 characters a token
-    while True:
-        ids = encode(text[:chars])
-        if chars >= len(text) or len(ids) >= n + MARGIN:
-            return ids[:n]
-        chars *= 2
 
 
 def tokens_to_score(model, text: Text, n: int, window: int) -> tuple[list[int], int]:
@@ -102,12 +55,6 @@ def tokens_to_score(model, text: Text, n: int, window: int) -> tuple[list[int], 
     if window > model.config.max_seq_len:
         raise TinyLLMError(f"--window {window} is longer than the model's context of {model.config.max_seq_len} tokens")
     return ids, window
-
-
-def windows(ids: list[int], window: int) -> list[list[int]]:
-    """Consecutive, non-overlapping windows of `window` tokens (the last may be shorter). Each is
-    scored on its own, from its first token; a last window of one token predicts nothing, so it goes."""
-    return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids) - i >= 2]
 
 
 # ---------------------------------------------------------------------------------- the scores
@@ -192,8 +139,6 @@ def measured_speeds(rows: list[tuple[str, str, str]], context: int, threads: int
     """Decode tokens/s of each (label, schedule spec, model directory) row, each in a child process of
     `tinyllm bench` (one round, a short prompt and SPEED_NEW_TOKENS new tokens; fewer for a model with
     a short context). Returns label -> tokens/s."""
-    from . import bench
-
     prompt, new = min(SPEED_PROMPT_TOKENS, context // 4), min(SPEED_NEW_TOKENS, context // 4)
     engines = [bench.tinyllm_engine(spec, model, prompt, new, plugins) for _, spec, model in rows]
     bench.run(engines, rounds=1, threads=threads, profile=False, log=log)
@@ -241,8 +186,6 @@ def text_json(text: Text, tokens: int, window: int) -> dict:
 
 def report(scores: list[Score], text: Text, ids: list[int], window: int, json_path=None, plot_path=None) -> None:
     """What `eval` ends with: which text, the table on stdout, then the --json file and the --plot PNG."""
-    from .files import write_text_atomic
-
     about = text_json(text, len(ids), window)
     print(f"{about['source']} (Python {about['python']}, sha256 {about['sha256'][:12]}): {len(ids)} tokens in "
           f"{len(windows(ids, window))} window(s) of {window}, {scores[0].positions} positions scored against "
@@ -264,8 +207,6 @@ def plot(scores: list[Score], path) -> None:
 
     matplotlib.use("Agg")  # draw into a file; no window, no display needed
     import matplotlib.pyplot as plt
-
-    from .files import save_png
 
     fig, ax = plt.subplots(figsize=(10, 5.5))
     markers = "osD^vP*Xph"  # exact schedules share a point: their markers tell them apart

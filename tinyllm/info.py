@@ -1,15 +1,17 @@
-"""`python -m tinyllm info`: what a loaded model is, what it holds in memory, and what runs it."""
+"""`python -m tinyllm info`: what a loaded model is, what it holds in memory, and what runs it; and
+`python -m tinyllm ops`'s table of every op and its variants (ops_table)."""
 from __future__ import annotations
 
 from collections import defaultdict
 
 import numpy as np
 
-from ops.registry import OPS
+from ops.registry import OPS, VARIANTS
 
 from .config import read_json
-from .loading import in_huge_pages
-from .quantize import format_name
+from .loading import read_quantization
+from .placement import in_huge_pages, loaded_originals
+from .stored import format_name
 
 
 def describe(model) -> str:
@@ -44,8 +46,6 @@ def _parameters(model) -> list[str]:
 
 def _stored(model) -> list[str]:
     """For a directory written by `tinyllm quantize`: which matrices it stores in which format."""
-    from .loading import read_quantization
-
     record = read_quantization(model.path)
     return record.describe() if record else []
 
@@ -57,8 +57,8 @@ def _memory(model) -> list[str]:
     loaded = _unique(_loaded_values(model))
     loaded_arrays = [a for v in loaded for a in _arrays_in(v)]
     site_ops = {(id(s.owner), s.attr): s.op for s in model.transformer.weight_sites}
-    # A loaded weight moved into huge pages (tinyllm/loading.py::huge_page_copies) counts as the loaded one.
-    loaded_copy = {copy: a for s in model.transformer.weight_sites for copy, a in s.copied.items()}
+    # A loaded weight moved into huge pages (tinyllm/placement.py) counts as the loaded one.
+    loaded_copy = loaded_originals(model.transformer.weight_sites)
     installed = defaultdict(list)  # "op=variant" whose (prepared) weights the model calls it with -> arrays
     held = {}  # the installed arrays that sit in huge pages (copies of loaded weights, or made), by id
     for owner, name in _weight_fields(model):
@@ -105,6 +105,36 @@ def _ops(model) -> list[str]:
         inside = f"  (inside {op.inside}, which the model calls: scheduling it alone changes nothing)" if op.inside else ""
         lines.append(f"  {name:<{width}}  {model.schedule.choice[name]}{steps}{inside}")
     return lines
+
+
+def ops_table(schedule, verbose: bool = False) -> str:
+    """`tinyllm ops`: every op with its variants (* the one `schedule` runs, [format] what a projection
+    reader reads) and the rule its variants are checked by; `verbose` adds why each tolerance is what it
+    is and each variant's source module and first docstring line."""
+    rows = [("op", "variants (* runs)", "rule")]
+    for name, op in OPS.items():
+        names = []
+        for var_name, v in VARIANTS[name].items():
+            mark = "*" if schedule.choice[name] == var_name else " "
+            extra = "" if v.available else " (unavailable)"
+            fmt = f" [{v.weight_format}]" if (name == "linear" or op.projections) and v.weight_format != "any" else ""
+            names.append(f"{mark}{var_name}{fmt}{extra}")
+        rules = {str(v.comparison()) for v in VARIANTS[name].values()}
+        label = f"{name} ({' → '.join(op.composite)})" if op.is_composite else name
+        if op.inside:  # checked like any op, but the model calls the op that contains it
+            label += f" (inside {op.inside})"
+        rows.append((label, "  ".join(names), "; ".join(sorted(rules))))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows]
+    if any(op.inside for op in OPS.values()):
+        lines += ["", "(inside X): a building block of X's reference; the model calls X, so scheduling it alone "
+                  "changes nothing: a variant of X uses its own"]
+    if verbose:
+        lines += ["", "why the tolerances:"]
+        lines += [f"  {name}: {op.rule.why}" for name, op in OPS.items() if op.rule.why]
+        lines += ["", "what each variant is (its docstring's first line; the code is in the module named):"]
+        lines += [f"  {v.label:<24} {v.source:<14} {v.doc}" for name in OPS for v in VARIANTS[name].values()]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ helpers

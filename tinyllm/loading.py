@@ -9,7 +9,8 @@ bfloat16: a bf16 value is the top half of a float32, so we widen it with a 16-bi
 
 A model saved by `tinyllm quantize` stores its projections in quantised formats: the file's metadata
 lists them, and their parts (int8/uint8 values, float16 or float32 scales) are used in place, as they
-are stored, and handed on as ops/quant.py format objects (see tinyllm/quantize.py).
+are stored, and handed on as ops.quant format objects (see tinyllm/stored.py). Where the mapped
+weights then live in memory is tinyllm/placement.py's.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import read_json
 from .errors import ModelError, ModelWarning, NumericsError
-from .quantize import RECORD_KEY, Record, assemble, format_name, record_from_metadata
+from .placement import WeightFile
+from .stored import RECORD_KEY, Record, assemble, format_name, record_from_metadata
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I8": np.int8, "U8": np.uint8}
 _INTEGER = {"I8", "U8"}  # only the parts of a quantised matrix are integers
@@ -101,7 +104,7 @@ def _tensor_entries(path: Path, header: dict, data_size: int, parts: dict[str, s
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of one safetensors file as float32 NumPy arrays (HF names -> arrays), except the
-    matrices the file's quantisation record lists: ops/quant.py format objects over the stored parts.
+    matrices the file's quantisation record lists: ops.quant format objects over the stored parts.
     Anything malformed is a ModelError naming the file and the tensor."""
     try:
         file_size = Path(path).stat().st_size
@@ -113,7 +116,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             return assemble({}, record, path) if record else {}
         with open(path, "rb") as f:
             # The map outlives the file object: every array made from it keeps a reference to it.
-            mapped = _WeightFile(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mapped = WeightFile(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
     out = {}
@@ -175,8 +178,6 @@ def weight_files(model_dir: Path) -> list[str]:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        from .config import read_json
-
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ModelError(f"{index} has no valid weight_map")
@@ -208,114 +209,3 @@ def load_weights(model_dir: Path, check_numerics: bool = False) -> dict[str, np.
             warnings.warn(message, ModelWarning, stacklevel=2)
         weights.update(tensors)
     return weights
-
-
-def release_pages(array: np.ndarray) -> bool:
-    """Drop a memory-mapped weight's pages from this process's resident memory.
-
-    Used when a schedule's prepare step has made its own copy (e.g. Q, K and V concatenated): the
-    raw tensor is no longer read, so its pages need not count twice. They stay in the OS page cache
-    and the array stays valid: reading it again (swapping back to `reference`) faults them back in.
-    Whole pages inside the array only; returns False for an array that is not memory-mapped."""
-    base = _mapping_of(array)
-    if not isinstance(base, _WeightFile) or not hasattr(base, "madvise"):
-        return False  # only our own read-only file maps: any other mapping's pages may not come back
-    start = array.ctypes.data - np.frombuffer(base, dtype=np.uint8, count=1).ctypes.data
-    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # round up: never drop a neighbour's page
-    last = (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        base.madvise(mmap.MADV_DONTNEED, first, last - first)
-    return True
-
-
-def _mapping_of(array: np.ndarray):
-    """The mmap object an array's memory belongs to (through views and memoryviews), or None."""
-    base = array
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
-    return base
-
-
-class _WeightFile(mmap.mmap):
-    """A safetensors file mapped read-only by read_safetensors (a type of its own, so that
-    release_pages touches no other mapping)."""
-
-
-class _HugePageBlock(mmap.mmap):
-    """The anonymous memory huge_page_copies puts weights in."""
-
-
-def is_mapped(array: np.ndarray) -> bool:
-    """Whether `array` lies in a weights file mapped by read_safetensors (so its pages can be released)."""
-    return isinstance(_mapping_of(array), _WeightFile)
-
-
-def in_huge_pages(array: np.ndarray) -> bool:
-    """Whether `array` is one of huge_page_copies' copies (or a view of one)."""
-    return isinstance(_mapping_of(array), _HugePageBlock)
-
-
-HUGE_PAGE = 2 << 20  # x86-64's large page: one TLB entry covers 2 MiB instead of 4 KiB
-_ALIGN = 64  # each array starts on a cache line
-
-
-def _huge_pages_available() -> bool:
-    """Linux with transparent huge pages not switched off ("[never]" in its sysfs setting)."""
-    if not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_PRIVATE"):
-        return False
-    try:
-        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return True  # no such file to read: let madvise decide
-
-
-def huge_page_copies(arrays: list[np.ndarray]) -> dict[int, np.ndarray]:
-    """Read-only copies of `arrays`, side by side in one block of anonymous memory that Linux backs
-    with 2 MiB pages (madvise MADV_HUGEPAGE), keyed by id() of each original (each copied once).
-
-    Decode streams every weight once per token. From 4 KiB pages (the file's mapping, or arrays
-    under 4 MiB, which NumPy's allocator leaves in small pages) each 4 KiB of a stream needs its own
-    page-table entry, and the table walks cost bandwidth: with two copies of the model alternating in
-    one process, decode ran 3-4.5% faster (`fused`) and 6% faster (`int8`) from huge pages
-    (benchmarks/RESULTS.md, Memory). Where there are no huge pages to have (not Linux, or THP
-    switched off) it copies nothing and returns {}. The block stays alive while any copy does. The pages of an original mapped from
-    a weights file are released as it is copied (reading it again faults them back in)."""
-    if not arrays or not _huge_pages_available():
-        return {}  # nothing to gain, so no copies
-    unique = list({id(a): a for a in arrays}.values())
-    sizes = [-(-a.nbytes // _ALIGN) * _ALIGN for a in unique]
-    # Private anonymous memory (a shared mapping would be shmem, which keeps 4 KiB pages); the
-    # pages arrive on first write.
-    block = _HugePageBlock(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
-    try:
-        block.madvise(mmap.MADV_HUGEPAGE)  # before the first write, so the pages come huge
-    except OSError:  # a kernel built without transparent huge pages
-        block.close()
-        return {}
-    raw = np.frombuffer(block, dtype=np.uint8)
-    offset = -raw.ctypes.data % HUGE_PAGE  # start on a 2 MiB boundary
-    copies = {}
-    for a, size in zip(unique, sizes):
-        column_major = a.flags.f_contiguous and not a.flags.c_contiguous  # keep a transposed layout as it is
-        shape = a.shape[::-1] if column_major else a.shape
-        copy = raw[offset:offset + a.nbytes].view(a.dtype).reshape(shape)
-        copy = copy.T if column_major else copy
-        copy[...] = a
-        copy.flags.writeable = False  # weights are never written (and Numba compiles read-only arrays apart)
-        copies[id(a)] = copy
-        release_pages(a)  # a mapped original leaves resident memory at once (a no-op for any other)
-        offset += size
-    return copies
-
-
-def release_free_heap() -> None:
-    """Hand the C heap's free memory back to the OS (glibc's malloc_trim; elsewhere nothing).
-
-    Parsing tokenizer.json (3.5 MB of JSON for the default model) leaves ~14 MiB of freed heap that
-    glibc keeps mapped for reuse, so it would stay in the process's resident memory for good."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass

@@ -1,214 +1,42 @@
 """`tinyllm quantize`: a model directory whose projections are stored in a quantised format, so that
 loading it runs its schedule without quantising anything.
 
-It is a Hugging Face-layout directory like any other (config.json unchanged, the tokenizer files, one
-model.safetensors), in which each quantised matrix NAME (an attention or MLP projection, or the LM
-head) is stored as the fields of its ops/quant.py format, one tensor per field, named NAME.FIELD:
-
-    int8   NAME.q   (N, K) I8              NAME.scale (N,) F32
-    q8_0   NAME.qs  (N, K/32, 32) I8       NAME.d (N, K/32) F16
-    q4_0   NAME.qs  (N, K/32, 16) U8       NAME.d (N, K/32) F16
-    q4_1   NAME.qs  (N, K/32, 16) U8       NAME.d, NAME.m (N, K/32) F16
-
-(N x K is the float32 matrix's shape). Every other tensor (embedding, norms, biases) is float32. The
-file's safetensors metadata holds, under `tinyllm.quantization`, the JSON record
-{"version": 1, "ops": SPEC, "tensors": {NAME: FORMAT, ...}}: the schedule it was made for, which a
-load runs unless told otherwise, and each quantised matrix's format. The reader (tinyllm/loading.py)
-hands the Transformer these matrices as format objects; the variants of that format take them as they
-are (their prepare steps quantise float32 only), and a schedule that reads another format, or float32,
-gets them dequantised (tinyllm/schedule.py).
-
-A tied LM head is the embedding. When the schedule reads the head quantised, a quantised copy of the
-embedding is stored as lm_head.weight; schedules that read the head in another format ignore it and
-start from the float32 embedding, exactly as on the source model.
+What the directory holds (one tensor per field of each quantised matrix, and a record of the schedule
+and formats in the file's metadata) is tinyllm/stored.py, which the load path reads; this module only
+writes it: it checks the source, calibrates when asked (GPTQ rounding, smoothing), rounds each projection
+to the format its schedule reads, and writes the files.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ops.gptq import gptq_quantize
+from ops.quant.gptq import gptq_quantize
 from ops.quant import ACTIVATIONS_ROUNDED, BLOCK, FORMATS, as_format
+from ops.registry import COMPOSED, OPS, get_variant
 
 from . import calibration, smoothing
+from .checkpoint import checkpoint_shapes, projection_op
+from .config import Config
 from .errors import ModelError, TinyLLMError
-
-RECORD_KEY = "tinyllm.quantization"  # the safetensors metadata key of the record
-RECORD_VERSION = 1
-# How `quantize` chooses each matrix's integer codes (the format's scales are the same either way):
-# "gptq" (ops/gptq.py) keeps each projection's outputs close on a calibration text; "nearest" rounds
-# each weight on its own, the format's own quantise (as llama.cpp does).
-ROUNDINGS = ("gptq", "nearest")
-
-
-def _per_block(n, k):
-    return (n, k // BLOCK)
-
-
-# format -> field -> (safetensors dtype, its shape in a matrix of N x K floats): what the ops/quant.py
-# formats hold, as the reader checks it (tests/test_quantize.py checks this table against the formats)
-LAYOUT = {
-    "int8": {"q": ("I8", lambda n, k: (n, k)), "scale": ("F32", lambda n, k: (n,))},
-    "q8_0": {"d": ("F16", _per_block), "qs": ("I8", lambda n, k: (n, k // BLOCK, BLOCK))},
-    "q4_0": {"d": ("F16", _per_block), "qs": ("U8", lambda n, k: (n, k // BLOCK, BLOCK // 2))},
-    "q4_1": {"d": ("F16", _per_block), "m": ("F16", _per_block),
-             "qs": ("U8", lambda n, k: (n, k // BLOCK, BLOCK // 2))},
-}
-assert set(LAYOUT) == set(FORMATS)
-
-
-# ------------------------------------------------------------------------------ format objects
-
-
-def format_name(value) -> str | None:
-    """The ops/quant.py format `value` is in, or None (a float array, or anything else)."""
-    return next((name for name, cls in FORMATS.items() if type(value) is cls), None)
-
-
-def for_format(value, fmt: str | None, unquantized=None):
-    """A loaded weight as a reader of `fmt` weights takes it (`fmt` None or "fp32": float32).
-
-    A float array, or a format object already in `fmt`, is passed as it is. A format object of another
-    format becomes the float32 matrix it stands for: `unquantized` when given (a tied head's float32
-    embedding), else its values dequantised; the reader's prepare step then treats it as any float32
-    weight (and quantises it to its own format)."""
-    name = format_name(value)
-    if name is None or name == fmt:
-        return value
-    return unquantized if unquantized is not None else value.dequantize()
-
-
-def parts(name: str, value) -> dict[str, np.ndarray]:
-    """A format object's fields as the tensors NAME.FIELD that store it."""
-    return {f"{name}.{field}": np.ascontiguousarray(getattr(value, field)) for field in LAYOUT[format_name(value)]}
-
-
-def matrix_kind(name: str) -> str:
-    """`model.layers.7.mlp.up_proj.weight` -> `up_proj`: what a matrix is, whatever its layer."""
-    return name.removesuffix(".weight").rsplit(".", 1)[-1]
-
-
-# ------------------------------------------------------------------------------ the record
-
-
-@dataclass(frozen=True)
-class Record:
-    """What a quantised model file says about itself: the schedule it was made for (`spec`), and the
-    format of each matrix it stores quantised (`tensors`: name -> format name)."""
-
-    spec: str
-    tensors: dict
-    rounding: str = "nearest"  # how the codes were chosen: "nearest" or "gptq" (see ROUNDINGS)
-    calibration: dict | None = None  # {"source", "sha256", "tokens"} of the calibration text, if one was read
-    smoothing: dict | None = None  # {"alpha", "sites"} when the activations were smoothed (tinyllm/smoothing.py)
-
-    def parts(self) -> dict[str, str]:
-        """Each stored part NAME.FIELD -> the safetensors dtype it must have."""
-        return {f"{name}.{field}": dtype for name, fmt in self.tensors.items()
-                for field, (dtype, _) in LAYOUT[fmt].items()}
-
-    def metadata(self) -> dict[str, str]:
-        """The safetensors metadata that carries it (metadata values are strings: this one is JSON)."""
-        record = {"version": RECORD_VERSION, "ops": self.spec, "tensors": self.tensors, "rounding": self.rounding}
-        if self.calibration is not None:
-            record["calibration"] = self.calibration
-        if self.smoothing is not None:
-            record["smoothing"] = self.smoothing
-        return {RECORD_KEY: json.dumps(record)}
-
-    def describe(self) -> list[str]:
-        """Lines for `tinyllm ops --model` and `tinyllm info`: which matrices are in which format."""
-        lines = [f"stored quantised by `tinyllm quantize --ops {self.spec}` (the schedule it runs by default):"]
-        by_format = {}
-        for name, fmt in self.tensors.items():
-            by_format.setdefault(fmt, []).append(name)
-        for fmt, names in sorted(by_format.items(), key=lambda item: -len(item[1])):  # the bulk first
-            kinds = ", ".join(dict.fromkeys(matrix_kind(n) for n in names))
-            lines.append(f"  {fmt:<8} {kinds} ({len(names)} {'matrix' if len(names) == 1 else 'matrices'})")
-        lines.append(f"  {'float32':<8} every other tensor (embedding, norms, biases)")
-        c = self.calibration or {}
-        calibrated = f"{c.get('tokens')} tokens of {c.get('source')} (sha256 {str(c.get('sha256'))[:12]}...)"
-        lines.append(f"  codes chosen by GPTQ, calibrated on {calibrated}" if self.rounding == "gptq"
-                     else "  codes rounded to nearest")
-        if self.smoothing:
-            lines.append(f"  smoothed (alpha {self.smoothing.get('alpha')}) at the "
-                         f"{', '.join(map(str, self.smoothing.get('sites', [])))} of every layer"
-                         + ("" if self.rounding == "gptq" else f", calibrated on {calibrated}"))
-        return lines
-
-
-def record_from_metadata(metadata, path) -> Record | None:
-    """The record in a safetensors file's metadata, checked; None when the file has none."""
-    if not isinstance(metadata, dict) or RECORD_KEY not in metadata:
-        return None
-    malformed = ModelError(f"{path}: the {RECORD_KEY} metadata is malformed (it should be the JSON "
-                           '{"version": 1, "ops": SPEC, "tensors": {NAME: FORMAT, ...}})')
-    try:
-        r = json.loads(metadata[RECORD_KEY])
-    except (TypeError, ValueError, RecursionError):
-        raise malformed from None
-    if not (isinstance(r, dict) and isinstance(r.get("ops"), str) and isinstance(r.get("tensors"), dict)):
-        raise malformed
-    if type(r.get("version")) is not int or r["version"] != RECORD_VERSION:
-        raise ModelError(f"{path}: {RECORD_KEY} has version {r.get('version')!r}; this tinyllm reads version "
-                         f"{RECORD_VERSION} (quantize the model again with this tinyllm)")
-    for name, fmt in r["tensors"].items():
-        if not (isinstance(fmt, str) and fmt in LAYOUT):
-            raise ModelError(f"{path}: {RECORD_KEY} says tensor {name!r} is in format {fmt!r}; tinyllm stores "
-                             f"{', '.join(LAYOUT)}")
-    rounding = r.get("rounding", "nearest")  # files written before GPTQ rounding existed have no key
-    if rounding not in ROUNDINGS:
-        raise ModelError(f"{path}: {RECORD_KEY} says its codes were rounded by {rounding!r}; this tinyllm knows "
-                         f"{', '.join(ROUNDINGS)}")
-    calibration, smoothed = r.get("calibration"), r.get("smoothing")
-    return Record(r["ops"], dict(r["tensors"]), rounding, calibration if isinstance(calibration, dict) else None,
-                  smoothed if isinstance(smoothed, dict) else None)
-
-
-def assemble(tensors: dict, record: Record, path) -> dict:
-    """One file's tensors (the parts in their stored dtypes) with each quantised matrix's parts replaced
-    by its format object, checked first: every part there, shapes that make one N x K matrix (the
-    kernels do not check bounds, so a part too small must never reach them)."""
-    out = dict(tensors)
-    for name, fmt in record.tensors.items():
-        missing = [f"{name}.{field}" for field in LAYOUT[fmt] if f"{name}.{field}" not in out]
-        if missing:
-            raise ModelError(f"{path}: the {fmt} matrix {name!r} has no tensor {missing[0]!r}")
-        if name in out:
-            raise ModelError(f"{path}: tensor {name!r} is stored twice, as float and as {fmt}")
-        fields = {field: out.pop(f"{name}.{field}") for field in LAYOUT[fmt]}
-        _check_shapes(name, fmt, fields, path)
-        out[name] = FORMATS[fmt](**fields)
-    return out
-
-
-def _check_shapes(name: str, fmt: str, fields: dict, path) -> None:
-    lead = fields["q"] if fmt == "int8" else fields["d"]  # the field that says N and K
-    if lead.ndim != 2:
-        raise ModelError(f"{path}: tensor '{name}.{'q' if fmt == 'int8' else 'd'}' has shape {lead.shape}; "
-                         f"a {fmt} matrix's is 2-D")
-    n, k = lead.shape if fmt == "int8" else (lead.shape[0], lead.shape[1] * BLOCK)
-    for field, (_, shape) in LAYOUT[fmt].items():
-        if fields[field].shape != shape(n, k):
-            raise ModelError(f"{path}: tensor '{name}.{field}' has shape {fields[field].shape}; a {fmt} matrix "
-                             f"of {n} x {k} values needs {shape(n, k)}")
-
-
-# ------------------------------------------------------------------------------ the command
+from .files import move_dir_into_place, usual_permissions
+from .loading import load_weights, read_quantization
+from .model import Transformer
+from .pull import default_model_dir, is_model_dir, pull
+from .schedule import PRESETS, parse
+from .stored import LAYOUT, ROUNDINGS, Record, for_format, format_name, parts
+from .texts import DEFAULT_TOKENS, docstring_text, first_tokens
+from .tokenizer import Tokenizer
 
 
 def projection_formats(schedule) -> dict[str, str | None]:
     """op -> the format its projections are stored in for `schedule` (None: float32), for each op that
     takes projections. An unfused composite reads them through `linear`, so in linear's format."""
-    from ops.registry import COMPOSED, OPS, get_variant
-
     linear = get_variant("linear", schedule.choice["linear"])
     out = {}
     for op_name in ("qkv_rope", "linear", "swiglu_mlp", "norm_head"):
@@ -228,8 +56,8 @@ def quantize(source, spec, out, *, force: bool = False, progress: bool = True, r
     directory `out`, each projection stored in the format schedule `spec` reads it in; returns a summary.
 
     `rounding` (see ROUNDINGS): "gptq" records each projection's inputs while the float32 model reads
-    `calibration_tokens` tokens of `calibration_text` (a tinyllm.eval.Text; default: the standard
-    library's docstrings, tinyllm/calibration.py), then rounds with GPTQ; "nearest" needs no text.
+    `calibration_tokens` tokens of `calibration_text` (a tinyllm.texts.Text; default: the standard
+    library's docstrings, tinyllm/texts.py), then rounds with GPTQ; "nearest" needs no text.
     `smooth`: the strength α of smoothing (tinyllm/smoothing.py; 0: off; None: its default with GPTQ,
     off with "nearest", which then stores what the schedule computes when it quantises at load),
     applied to the inputs of projections in a format that rounds its activations (q8_0).
@@ -237,13 +65,6 @@ def quantize(source, spec, out, *, force: bool = False, progress: bool = True, r
     Everything is checked and quantised before anything is written; the files are written into a
     temporary directory beside `out` that is renamed to `out` only when complete. An existing non-empty
     `out` is an error unless `force`, and even then it is removed only after the new one is in place."""
-    from .config import Config
-    from .eval import first_tokens
-    from .loading import load_weights, read_quantization
-    from .model import Transformer
-    from .schedule import PRESETS, parse
-    from .tokenizer import Tokenizer
-
     schedule = parse(spec)
     formats = projection_formats(schedule)
     if not any(formats.values()):
@@ -259,7 +80,7 @@ def quantize(source, spec, out, *, force: bool = False, progress: bool = True, r
     if smooth and not sites:
         warnings.warn(f"--smooth applies to formats that round their activations ({', '.join(ACTIVATIONS_ROUNDED)}); "
                       f"--ops {schedule.spec} rounds none, so nothing is smoothed")
-    n_calibration = calibration.DEFAULT_TOKENS if calibration_tokens is None else calibration_tokens
+    n_calibration = DEFAULT_TOKENS if calibration_tokens is None else calibration_tokens
     calibrating = rounding == "gptq" or bool(sites)
     if calibrating and n_calibration < 2:
         raise TinyLLMError(f"--calibration-tokens {n_calibration}: calibration needs at least 2 tokens")
@@ -286,7 +107,7 @@ def quantize(source, spec, out, *, force: bool = False, progress: bool = True, r
 
     found, about = None, {"rounding": rounding}
     if calibrating:
-        text = calibration_text or calibration.docstring_text()
+        text = calibration_text or docstring_text()
         ids = first_tokens(tokenizer.encode, text.text, n_calibration)
         if len(ids) < 2:
             raise TinyLLMError(f"the calibration text {text.source} has {len(ids)} token(s); calibration needs at "
@@ -319,8 +140,6 @@ def _write(out: Path, source: Path, tensors: dict, metadata: dict) -> None:
     from safetensors import SafetensorError  # imported here so that importing tinyllm stays cheap
     from safetensors.numpy import save_file
 
-    from .files import move_dir_into_place, usual_permissions
-
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         usual_permissions(tmp, 0o777)
@@ -343,8 +162,6 @@ def _stored_tensors(cfg, weights: dict, formats: dict, spec: str, source: Path, 
     projection the schedule reads quantised as its format's fields; and the record's name -> format.
     With `hessians` (name -> H, tinyllm/calibration.py) the float32 matrices are rounded by GPTQ."""
     from tqdm import tqdm
-
-    from .model import checkpoint_shapes, projection_op
 
     tensors, record, requantised = {}, {}, []
     tied_head = cfg.tie_word_embeddings or "lm_head.weight" not in weights
@@ -384,8 +201,6 @@ def _stored_tensors(cfg, weights: dict, formats: dict, spec: str, source: Path, 
 
 def _source_dir(source, progress: bool) -> Path:
     if source is None:
-        from .pull import default_model_dir, is_model_dir, pull
-
         source = default_model_dir()
         return source if is_model_dir(source) else pull(progress=progress)
     source = Path(source)
@@ -442,3 +257,25 @@ def _summary(source: Path, out: Path, spec: str, record: dict, about: dict) -> s
 
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def quantized_spec(directory, model) -> str:
+    """The schedule the `tinyllm quantize` directory `directory` was written for, after checking that
+    it was quantised from the model directory `model` (quantize copies config.json and the tokenizer
+    as they are: _model_files)."""
+    path, model = Path(directory), Path(model)
+    if not (path / "config.json").is_file():
+        raise TinyLLMError(f"--quantized {directory}: not a model directory (no config.json)")
+    try:
+        record = read_quantization(path)
+    except ModelError as e:
+        raise TinyLLMError(f"--quantized {directory}: {e}") from None
+    if record is None:
+        raise TinyLLMError(f"--quantized {directory}: not written by `tinyllm quantize` (its model.safetensors "
+                           "has no quantisation record); compare schedules of one model with --ops instead")
+    for name in ("config.json", "tokenizer.json"):
+        ours, theirs = path / name, model / name
+        if ours.is_file() and theirs.is_file() and ours.read_bytes() != theirs.read_bytes():
+            raise TinyLLMError(f"--quantized {directory}: its {name} differs from {model}'s, so it was not "
+                               "quantised from that model; give the model it came from as --model")
+    return record.spec

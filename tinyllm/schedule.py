@@ -9,29 +9,21 @@ A schedule maps every op (primitive and composite) to one variant. It is written
 - a **dict** `{op: variant}`, applied on top of `reference`.
 
 `apply(transformer, schedule)` runs the chosen variants' prepare steps over the model's weights (only
-those whose preparation changes) and hands the model the op table to call.
+those whose preparation changes), installs them where the model reads them (their memory is
+tinyllm/placement.py's), and hands the model the op table to call.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import importlib
-import importlib.util
-import os
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
+from dataclasses import dataclass, field
 
 import ops as ops_pkg
 from ops.registry import (COMPOSED, OPS, OpTable, RegistryError, Weights, default_variant, get_variant,
                           prepare_argument)
 
-from .errors import TinyLLMError
-from .loading import huge_page_copies, in_huge_pages, is_mapped, release_pages
-from .quantize import for_format
-
+from . import placement
+from .errors import ScheduleError
+from .numerics import CheckedOpTable
+from .stored import for_format
 
 
 def _kernel_presets() -> dict[str, dict[str, str]]:
@@ -39,13 +31,11 @@ def _kernel_presets() -> dict[str, dict[str, str]]:
     `fused`: that, plus every composite's fused kernel. Built from what is registered, so both are
     consistent by construction (all fp32).
 
-    The quantised presets are `fused` with every projection in one weight format (ops/quantized.py):
+    The quantised presets are `fused` with every projection in one weight format (ops.quant):
     `int8`, `q8_0`, `q4_0`, `q4_1`. Not exact, so never the default. All keep the LM head (tied to
-    the embedding in SmolLM2) as Q8_0 weights with float32 activations, measured on `tinyllm eval`
-    (benchmarks/RESULTS.md): rounded to 4 bits the head alone cost a KL of 0.05 and 12 points of
-    top-1; as per-row int8 it doubled the int8 preset's KL (0.0029 -> 0.0046); with q8_0's rounded
-    activations it added 0.001 to q8_0's. The default model's embedding *is* Q8_0, so this head is
-    exact there."""
+    the embedding in SmolLM2) as Q8_0 weights with float32 activations: the head in the preset's own
+    format cost more accuracy than the rest of the model's rounding, as measured by `tinyllm eval`
+    (benchmarks/RESULTS.md, Quantised weights: the note on the LM head)."""
     variants = ops_pkg.VARIANTS
     numba = {name: "numba" for name, o in OPS.items() if not o.is_composite and "numba" in variants[name]}
     fused = {**numba, **{name: "fused" for name, o in OPS.items() if o.is_composite and "fused" in variants[name]}}
@@ -62,10 +52,6 @@ PRESETS: dict[str, dict[str, str]] = {"reference": {}, **_kernel_presets()}
 FASTEST_EXACT = ["fused", "numba", "reference"]
 
 
-class ScheduleError(TinyLLMError):
-    """An op schedule names an unknown op, variant or preset, an unavailable variant, or a conflict."""
-
-
 def register_preset(name: str, choice: dict[str, str], *, exact: bool = True) -> None:
     """Add a preset (from a kernel module or a plugin). `exact`: fp32, a candidate for the default."""
     if name in OPS:
@@ -73,6 +59,25 @@ def register_preset(name: str, choice: dict[str, str], *, exact: bool = True) ->
     PRESETS[name] = dict(choice)
     if exact and name not in FASTEST_EXACT:
         FASTEST_EXACT.insert(FASTEST_EXACT.index("reference"), name)
+
+
+@dataclass
+class WeightSite:
+    """One weight argument of one op call in the forward pass (`owner.attr`), with the raw value it
+    was loaded as: float32, or for a model saved by `tinyllm quantize` its projections in their
+    stored formats (tinyllm/stored.py). `apply` replaces `owner.attr` by what the chosen variant's
+    prepare step makes of `raw`, and `key` records which preparation it holds. `unquantized`: the
+    float32 value a quantised `raw` stands for where that is not its dequantised values (a tied head
+    stored quantised: the embedding); None otherwise. `copied`: tinyllm/placement.py's record of the
+    loaded arrays whose copies the installed value holds."""
+
+    op: str
+    owner: object
+    attr: str
+    raw: object
+    key: tuple | None = None
+    unquantized: object = None
+    copied: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -181,84 +186,22 @@ def apply(transformer, schedule: Schedule, check_numerics: bool = False) -> None
         if site.key != key:
             try:
                 raw = _raw_for(site, linear.weight_format if v.name == COMPOSED else v.weight_format)
-                changes.append((site, key, prepare_argument(site.op, v, linear, raw), {}))
+                changes.append((site, key, prepare_argument(site.op, v, linear, raw)))
             except Exception as e:  # a plugin's prepare step may fail in any way
                 who = f"{v.label} (its projections by {linear.label})" if v.name == COMPOSED else v.label
                 raise ScheduleError(f"preparing weights for {who} failed: {type(e).__name__}: {e}") from None
-    for site, _, prepared, _ in changes:
-        # Raw tensors the prepared value no longer contains leave resident memory (they stay
-        # mapped from the file, so preparing them again later reads them back); the rest leave it
-        # as they are copied into huge pages.
-        kept = {id(a) for a in _arrays(prepared)}
-        for a in _arrays(site.raw):
-            if id(a) not in kept:
-                release_pages(a)
-    if changes:
-        changes = _into_huge_pages(transformer.weight_sites, changes)
     table = schedule.table()
-    for site, key, prepared, copied in changes:
-        setattr(site.owner, site.attr, prepared)
-        site.key, site.copied = key, copied
-    # The embedding is read a row per token, so of its pages (all read once by loading's NaN check)
-    # only the rows looked up need to stay, unless a head reads the whole table every step (tied, float32).
-    embedding = next(site.raw for site in transformer.weight_sites if site.op == "embedding")
-    if not any(id(embedding) in {id(a) for a in _arrays(getattr(site.owner, site.attr))}
-               for site in transformer.weight_sites if site.op != "embedding"):
-        release_pages(embedding)
+    for site, key, value in placement.place(transformer.weight_sites, changes):
+        setattr(site.owner, site.attr, value)
+        site.key = key
     if check_numerics:  # built after the prepared weights are installed: it recognises layers by them
-        from .numerics import CheckedOpTable
-
         table = CheckedOpTable(schedule.choice, transformer)
     transformer.ops = table
 
 
-def _into_huge_pages(sites, changes) -> list:
-    """`changes` (site, key, prepared, {}) with the weights moved into one new block of 2 MiB pages,
-    and with every other site's weights moved there too.
-
-    Decode streams every weight once per token, and from 2 MiB pages it ran 3-6% faster here than
-    from 4 KiB ones (the file's mapping, small heap arrays): see loading.py::huge_page_copies. What
-    moves: the weights of the built-in variants (a plugin's prepare result is installed as it
-    returns it), and of those only what can then leave memory: weights mapped from the file (their
-    pages are released) and what prepare steps made. A loaded tensor that had to be converted
-    (float16 widened to float32) stays where it is, since its site keeps it to prepare from.
-    All sites move together, so an older block is never left partly used: it is freed once nothing
-    holds it (a swap copies the weights again, and holds two copies for a moment). Not the embedding:
-    a step reads one row of it, and the rest of its pages can leave resident memory (see apply).
-    The last element of each change becomes the site's `copied` record: id(copy) -> the loaded
-    array it copies."""
-    changed = {id(site) for site, *_ in changes}
-    moving = [(site, key, prepared) for site, key, prepared, _ in changes]
-    moving += [(site, site.key, getattr(site.owner, site.attr)) for site in sites if id(site) not in changed]
-    moving = [m for m in moving if m[0].op != "embedding" and _built_in(m[0].op, m[1])]
-
-    loaded = {}  # id(site) -> its loaded arrays by id, an older copy of one standing for it
-    for site, _, _ in moving:
-        loaded[id(site)] = {id(a): a for a in _arrays(site.raw) + _arrays(site.unquantized)} | site.copied
-
-    def movable(a, site) -> bool:  # what can then leave memory: made by a prepare step, mapped, or an older copy
-        return id(a) not in loaded[id(site)] or is_mapped(a) or in_huge_pages(a)
-
-    copies = huge_page_copies([a for site, _, value in moving for a in _arrays(value) if movable(a, site)])
-    moved = {}
-    for site, key, value in moving:
-        of_site = loaded[id(site)]
-        copied = {id(copies[id(a)]): of_site[id(a)] for a in _arrays(value) if id(a) in of_site and id(a) in copies}
-        moved[id(site)] = (site, key, _with_arrays(value, copies), copied)
-    return [moved.get(id(site), (site, key, prepared, copied)) for site, key, prepared, copied in changes] + \
-        [change for i, change in moved.items() if i not in changed]
-
-
-def _built_in(op: str, key: tuple) -> bool:
-    """Whether the variants a site's key names (its own, and `linear` inside a composed composite)
-    are tinyllm's own (registered by a module of the ops package)."""
-    names = [(op, key[0])] + ([("linear", key[1])] if len(key) > 1 else [])
-    return all(get_variant(o, n).source.split(".")[0] == "ops" for o, n in names)
-
-
 def _raw_for(site, fmt: str):
     """`site.raw` for a variant that reads `fmt` weights: each quantised projection in it as it is
-    when it is in `fmt`, else the float32 matrix it stands for (tinyllm/quantize.py::for_format), so
+    when it is in `fmt`, else the float32 matrix it stands for (tinyllm/stored.py::for_format), so
     that a schedule of another format, or of float32, runs on a quantised model too."""
     if not isinstance(site.raw, Weights):
         return for_format(site.raw, fmt, site.unquantized)
@@ -266,68 +209,6 @@ def _raw_for(site, fmt: str):
     changed = {name: for_format(value, fmt, unquantized.get(name)) for name, value in vars(site.raw).items()}
     changed = {name: value for name, value in changed.items() if value is not getattr(site.raw, name)}
     return site.raw.replace(**changed) if changed else site.raw  # a float32 model's bundles stay as loaded
-
-
-def _arrays(value) -> list:
-    """The NumPy arrays a weight value holds: an array, a Weights bundle's, a (prepared or stored)
-    quantised matrix's fields."""
-    if isinstance(value, np.ndarray):
-        return [value]
-    if isinstance(value, Weights) or dataclasses.is_dataclass(value):
-        return [a for v in vars(value).values() for a in _arrays(v)]
-    return []
-
-
-def _with_arrays(value, copies: dict[int, np.ndarray]):
-    """`value` (as _arrays reads it) with each of its arrays replaced by copies[id(array)]."""
-    if isinstance(value, np.ndarray):
-        return copies.get(id(value), value)
-    if isinstance(value, Weights):
-        return Weights(**{name: _with_arrays(v, copies) for name, v in vars(value).items()})
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _with_arrays(getattr(value, f.name), copies)
-                                             for f in dataclasses.fields(value) if f.init})
-    return value
-
-
-def load_plugins(modules) -> list[str]:
-    """Import plugin modules (dotted names or .py file paths) so their variants and presets register."""
-    loaded = []
-    for spec in modules:
-        spec = spec.strip()
-        if not spec:
-            continue
-        try:
-            if spec.endswith(".py") or os.sep in spec:
-                path = Path(spec)
-                if not path.is_file():
-                    raise ScheduleError(f"plugin file {spec} does not exist")
-                # one module per file, whatever its name: two plugins may both be called my_variants.py
-                digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
-                name = f"tinyllm_plugin_{path.stem}_{digest}"
-                if name not in sys.modules:
-                    module_spec = importlib.util.spec_from_file_location(name, path)
-                    module = importlib.util.module_from_spec(module_spec)
-                    sys.modules[name] = module
-                    try:
-                        module_spec.loader.exec_module(module)
-                    except BaseException:
-                        del sys.modules[name]
-                        raise
-            else:
-                importlib.import_module(spec)
-        except TinyLLMError:
-            raise
-        except RegistryError as e:
-            raise ScheduleError(f"plugin {spec}: {e}") from None
-        except Exception as e:  # a user's module may fail in any way: say which and why, in one line
-            raise ScheduleError(f"cannot load plugin {spec}: {type(e).__name__}: {e}") from None
-        loaded.append(spec)
-    return loaded
-
-
-def plugins_from_env() -> list[str]:
-    return [m for m in os.environ.get("TINYLLM_PLUGINS", "").split(",") if m.strip()]
 
 
 def check_selection(selection: str | None) -> list[tuple[str, str]]:

@@ -1,6 +1,6 @@
 """Smoothing: moving the activations' outliers into the weights before a format rounds activations.
 
-q8_0 rounds each projection's *input* to 8 bits per block of 32 values (ops/quant.py). A few input
+q8_0 rounds each projection's *input* to 8 bits per block of 32 values (ops.quant). A few input
 features of this model are far larger than the rest (the normed residual stream has outlier
 channels; the MLP's down projection sees values near 2800), and in a block that holds one, the
 other 31 values round to a handful of levels, or to 0. Smoothing (Xiao et al., 2022, "SmoothQuant",

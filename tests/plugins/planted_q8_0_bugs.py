@@ -6,7 +6,7 @@ import numpy as np
 
 from ops import VARIANTS, variant
 from ops.linear import linear
-from ops.quantized import _dequantized_table, qkv_rope_dequantized
+from ops.quant.reference import _dequantized_table, qkv_rope_dequantized
 from ops.registry import OPS, reference_table
 
 

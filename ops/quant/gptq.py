@@ -1,6 +1,6 @@
 """GPTQ: rounding a weight matrix to a format's grid so that its *outputs* stay close, not each weight.
 
-Round-to-nearest (each format's `quantize` in ops/quant.py) picks every integer code on its own.
+Round-to-nearest (each format's `quantize` in ops/quant/formats.py) picks every integer code on its own.
 What the model feels is the error of a projection's output y = W x over the inputs x it sees. With
 H = Σ x xᵀ summed over calibration inputs (K x K), a weight error E (N x K) costs
 
@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quant import round_half_away
+from .formats import round_half_away
 
 BLOCK_COLUMNS = 128  # columns whose updates are applied one by one before the rest is updated at once
 DAMPING = 0.01  # added to H's diagonal, times its mean: keeps H⁻¹ well conditioned (the paper's choice)
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, fmt):
-    """`w` (N, K) in format `fmt` (a class of ops/quant.py), its codes chosen by GPTQ for inputs whose
+    """`w` (N, K) in format `fmt` (a class of ops/quant/formats.py), its codes chosen by GPTQ for inputs whose
     second moments are `hessian` (K, K): Σ x xᵀ over the calibration inputs (any positive multiple)."""
     w = np.asarray(w, dtype=np.float32)
     start = fmt.quantize(w)  # the scales, and the codes' range, are the format's own

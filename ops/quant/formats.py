@@ -42,7 +42,7 @@ def _inverse(d: np.ndarray) -> np.ndarray:
     """1 / d, and 0 where that is infinite: d is 0 (an all-zero block quantises to zeros) or so small
     (subnormal, below 2.9e-39) that 1 / d overflows, which would make every level ±inf or NaN. Such a
     block quantises to zeros too: llama.cpp's float16 scale holds nothing below 6e-8 anyway, and the
-    q8_0 kernels, which keep the activations' scale in float32, do the same (ops/quantized.py)."""
+    q8_0 kernels, which keep the activations' scale in float32, do the same (ops/quant/q8_0.py)."""
     with np.errstate(divide="ignore", over="ignore"):
         inverse = np.float32(1) / np.asarray(d, dtype=np.float32)
     return np.where(np.isinf(inverse), np.float32(0), inverse).astype(np.float32)
@@ -76,17 +76,16 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
 
 def q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, K) float32 -> d (N, K/32) float32 and q (N, K/32, 32) int8 with x ≈ q · d: Q8_0's rounding,
-    with the scale kept in float32. The q8_0 kernels round their *activations* this way, per block
-    of 32, before the integer dot products (llama.cpp stores that scale as float16 too; we keep
-    float32 because Numba has no float16 arithmetic on CPUs)."""
+    with the scale kept in float32 (Numba has no float16 arithmetic on CPUs). Also how a kernel that
+    rounds its activations rounds them (ops/quant/q8_0.py::Q8_0Weight)."""
     b = _blocks(x)
     d = np.abs(b).max(axis=-1) / np.float32(127)
     return d, round_half_away(b * _inverse(d)[..., None]).astype(np.int8)
 
 
 def round_activations_q8(x: np.ndarray) -> np.ndarray:
-    """What the q8_0 kernels make of their float32 activations: each block of 32 rounded to
-    q8_blocks' 255 levels and back (the quantised reference multiplies these values)."""
+    """x with each block of 32 rounded to q8_blocks' 255 levels and back: the activations a kernel
+    that rounds them multiplies (the quantised reference multiplies these values)."""
     d, q = q8_blocks(x)
     return (q.astype(np.float32) * d[..., None]).reshape(x.shape)
 
@@ -129,7 +128,7 @@ class Int8:
         return np.broadcast_to(self.scale[:, None], self.q.shape), np.zeros(self.q.shape, np.float32)
 
     def with_codes(self, codes: np.ndarray) -> "Int8":
-        """The same scales holding other codes (N, K) in LEVELS (what ops/gptq.py chose)."""
+        """The same scales holding other codes (N, K) in LEVELS (what ops/quant/gptq.py chose)."""
         return Int8(np.ascontiguousarray(codes, dtype=np.int8), self.scale)
 
 
@@ -236,7 +235,6 @@ class Q4_1(_BlockFormat):
 
 
 FORMATS = {"int8": Int8, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
-ACTIVATIONS_ROUNDED = ("q8_0",)  # formats whose kernels round their activations too (per block of 32)
 
 
 def as_format(w, fmt):
