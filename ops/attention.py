@@ -390,9 +390,8 @@ def qkv_rope_prefill(x, w, cos, sin, eps):
 
 @variant("qkv_rope", "fused", prepare=prepare_qkv, weight_format="fp32", **_NUMBA)
 def qkv_rope_fused(x, w, cos, sin, eps):
-    """rmsnorm, the Q/K/V projections and RoPE: one compiled pass over Wqkv for decode (T = 1),
-    one BLAS matmul with the norm and RoPE around it for prefill. A decode of a few rows (up to
-    DECODE_MAX_ROWS, ops/jit.py) makes one pass per row."""
+    """rmsnorm, the Q/K/V projections and RoPE: one compiled pass over Wqkv per row for decode,
+    one BLAS matmul with the norm and RoPE around it for prefill (the split: ops/jit.py::is_decode)."""
     if is_decode(x.shape[0]):
         return qkv_rope_decode(x, w, cos, sin, eps)
     return qkv_rope_prefill(x, w, cos, sin, eps)

@@ -133,7 +133,9 @@ def ops_table(schedule, verbose: bool = False) -> str:
         lines += ["", "why the tolerances:"]
         lines += [f"  {name}: {op.rule.why}" for name, op in OPS.items() if op.rule.why]
         lines += ["", "what each variant is (its docstring's first line; the code is in the module named):"]
-        lines += [f"  {v.label:<24} {v.source:<14} {v.doc}" for name in OPS for v in VARIANTS[name].values()]
+        every = [v for name in OPS for v in VARIANTS[name].values()]
+        label, source = max(24, *(len(v.label) for v in every)), max(len(v.source) for v in every)
+        lines += [f"  {v.label:<{label}} {v.source:<{source}} {v.doc}" for v in every]
     return "\n".join(lines)
 
 

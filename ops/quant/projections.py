@@ -67,7 +67,7 @@ def _stream(x, norm, wqkv, bqkv, cos, sin, eps, n_q, n_kv, out):
 
 
 def qkv_rope_quantized(x, w, cos, sin, eps):
-    """rmsnorm, the Q/K/V projections and RoPE: one compiled pass over Wqkv for decode (T = 1),
+    """rmsnorm, the Q/K/V projections and RoPE: one compiled pass over Wqkv per row for decode,
     one BLAS matmul with the norm and RoPE around it for prefill.
 
     As ops/attention.py::qkv_rope_fused, with the format's decode kernel, one pass per row for a
