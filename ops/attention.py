@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, is_decode, njit, prange
+from .jit import NEEDS_NUMBA, is_decode, njit, prange
 from .linear import weights_times_transposed
 from .norm import rmsnorm_rows
 from .registry import Weights, close, op, random_array, variant
@@ -69,8 +69,6 @@ def qkv_rope(ops, x, w, cos, sin, eps):
 # Threads (see ops/jit.py): for decode (`is_decode`: a few rows) the kernels run in parallel over
 # heads or rows; for prefill, BLAS does the matrix products and the kernels around them run serial.
 
-_NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
-
 
 # -- softmax -------------------------------------------------------------------------------------
 
@@ -94,7 +92,7 @@ def softmax_kernel(x, out):
             out[r, j] *= inv
 
 
-@variant("softmax", "numba", **_NUMBA)
+@variant("softmax", "numba", **NEEDS_NUMBA)
 def softmax_numba(x: np.ndarray) -> np.ndarray:
     """softmax over the last axis: any leading axes are flattened into rows for the 2-D kernel."""
     out = np.empty(x.shape, dtype=np.float32)
@@ -247,7 +245,7 @@ def attention_prefill(q, k, v, start_pos, scale):
     return out
 
 
-@variant("attention", "numba", **_NUMBA)
+@variant("attention", "numba", **NEEDS_NUMBA)
 def attention_numba(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np.ndarray:
     """Causal GQA attention: for decode an online softmax, one pass over the cache and no score
     matrix; for prefill BLAS products around a compiled mask-and-softmax."""
@@ -388,7 +386,7 @@ def qkv_rope_prefill(x, w, cos, sin, eps):
     return q, k, qkv[n_q + n_kv:].T.reshape(T, -1, d)
 
 
-@variant("qkv_rope", "fused", prepare=prepare_qkv, weight_format="fp32", **_NUMBA)
+@variant("qkv_rope", "fused", prepare=prepare_qkv, weight_format="fp32", **NEEDS_NUMBA)
 def qkv_rope_fused(x, w, cos, sin, eps):
     """rmsnorm, the Q/K/V projections and RoPE: one compiled pass over Wqkv per row for decode,
     one BLAS matmul with the norm and RoPE around it for prefill (the split: ops/jit.py::is_decode)."""

@@ -1,7 +1,7 @@
 """Token embedding: look up one row of the table per token id."""
 import numpy as np
 
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit
+from .jit import NEEDS_NUMBA, njit
 from .registry import EXACT, op, random_array, variant
 
 
@@ -19,7 +19,7 @@ def gather_rows(table, ids, out):
         out[t, :] = table[ids[t], :]
 
 
-@variant("embedding", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+@variant("embedding", "numba", **NEEDS_NUMBA)
 def embedding_numba(table, ids):
     """A compiled row gather (the caller has checked the ids: it does not bounds-check)."""
     out = np.empty((ids.shape[0], table.shape[1]), dtype=table.dtype)

@@ -55,6 +55,9 @@ except Exception as e:  # numba is a dependency, but a broken llvmlite must not 
     numba = None
     NUMBA_AVAILABLE, NUMBA_MISSING = False, f"numba cannot be imported: {e}"
 
+# what every Numba variant passes to @variant: available where numba imports, else why not
+NEEDS_NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+
 
 def njit(*args, parallel: bool = False, **kwargs):
     """numba.njit with our cache and fastmath settings (a no-op decorator if numba is missing)."""

@@ -2,7 +2,7 @@
 model's last step, final norm + LM head."""
 import numpy as np
 
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, is_decode, njit, prange
+from .jit import NEEDS_NUMBA, is_decode, njit, prange
 from .norm import rmsnorm, rmsnorm_rows
 from .registry import Weights, close, op, random_array, variant
 
@@ -58,7 +58,7 @@ def matvec_rows(x, w, out):
             out[t, j] = acc
 
 
-@variant("linear", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+@variant("linear", "numba", **NEEDS_NUMBA)
 def linear_streaming(x, weight, bias=None):
     """linear: a Numba matrix-vector kernel for a few rows, BLAS GEMM for many."""
     if not is_decode(x.shape[0]):
@@ -70,7 +70,7 @@ def linear_streaming(x, weight, bias=None):
     return out
 
 
-@variant("norm_head", "fused", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+@variant("norm_head", "fused", **NEEDS_NUMBA)
 def norm_head_fused(x, w, eps):
     """Final rmsnorm and LM head as one op: for a few rows the norm kernel, then the parallel
     matrix-vector kernel streams the head (the largest matrix: 113 MB for the default model) once;

@@ -1,7 +1,7 @@
 """The SwiGLU feed-forward block (Shazeer, 2020): silu, the gated product, and the whole MLP."""
 import numpy as np
 
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, is_decode, njit, prange
+from .jit import NEEDS_NUMBA, is_decode, njit, prange
 from .linear import linear_terms, matvec_rows, weights_times_transposed
 from .registry import Weights, close, op, random_array, variant
 
@@ -36,8 +36,6 @@ def swiglu_mlp(ops, h, w):
 
 # ---------------------------------------------------------------------------------- numba variants
 
-NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
-
 
 @njit
 def silu_scalar(v):
@@ -52,7 +50,7 @@ def silu_rows(x, out):
             out[t, i] = silu_scalar(x[t, i])
 
 
-@variant("silu", "numba", **NUMBA)
+@variant("silu", "numba", **NEEDS_NUMBA)
 def silu_numba(x):
     """silu elementwise in one compiled loop: no temporaries for exp(-x) and 1 + exp(-x)."""
     out = np.empty_like(x)
@@ -67,7 +65,7 @@ def swiglu_rows(gate, up, out):
             out[t, i] = silu_scalar(gate[t, i]) * up[t, i]
 
 
-@variant("swiglu", "numba", **NUMBA)
+@variant("swiglu", "numba", **NEEDS_NUMBA)
 def swiglu_numba(gate, up):
     """silu(gate) * up in one compiled loop: one pass, no temporary arrays."""
     out = np.empty_like(gate)
@@ -116,7 +114,7 @@ def swiglu_mlp_prefill(h, w):
     return np.ascontiguousarray(weights_times_transposed(w.down, g.T).T)
 
 
-@variant("swiglu_mlp", "fused", **NUMBA)
+@variant("swiglu_mlp", "fused", **NEEDS_NUMBA)
 def swiglu_mlp_fused(h, w):
     """The SwiGLU MLP as two kernels for a few rows (gate·up·silu fused, then down); for many rows
     BLAS does the three matmuls, weights on the left, and NumPy the gate in place."""

@@ -1,7 +1,7 @@
 """RMSNorm (Zhang & Sennrich, 2019), the residual add, and the two fused together."""
 import numpy as np
 
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit
+from .jit import NEEDS_NUMBA, njit
 from .registry import EXACT, close, op, random_array, variant
 
 
@@ -29,8 +29,6 @@ def add_rmsnorm(ops, x, y, weight, eps):
 
 # ---------------------------------------------------------------------------------- numba variants
 
-NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
-
 
 @njit
 def rmsnorm_rows(x, weight, eps, out):
@@ -45,7 +43,7 @@ def rmsnorm_rows(x, weight, eps, out):
             out[t, i] = x[t, i] * inv * weight[i]
 
 
-@variant("rmsnorm", "numba", **NUMBA)
+@variant("rmsnorm", "numba", **NEEDS_NUMBA)
 def rmsnorm_numba(x, weight, eps):
     """Two passes per row in one compiled loop, no temporary arrays (the reference makes five)."""
     out = np.empty_like(x)
@@ -60,7 +58,7 @@ def add_rows(x, y, out):
             out[t, i] = x[t, i] + y[t, i]
 
 
-@variant("add", "numba", **NUMBA)
+@variant("add", "numba", **NEEDS_NUMBA)
 def add_numba(x, y):
     """The residual add as a compiled loop: the same single rounding as NumPy's, so exact."""
     out = np.empty_like(x)
@@ -84,7 +82,7 @@ def add_rmsnorm_rows(x, y, weight, eps, s, h):
             h[t, i] = s[t, i] * inv * weight[i]
 
 
-@variant("add_rmsnorm", "fused", **NUMBA)
+@variant("add_rmsnorm", "fused", **NEEDS_NUMBA)
 def add_rmsnorm_fused(x, y, weight, eps):
     """The residual add and the next norm in one kernel: the sum is normalised while still in cache."""
     s, h = np.empty_like(x), np.empty_like(x)

@@ -244,7 +244,7 @@ def variant(op_name: str, name: str, *, available: bool | Callable[[], bool] = T
     the float op), bit-exact where the arithmetic is integer. `inputs`/`examples` replace the op's
     strategy and edge cases where the variant accepts fewer shapes (a 32-block format needs rows
     whose length is a multiple of 32). `doc`: its one-line description, when not the first line of
-    the function's docstring (one function registered for several formats).
+    the function's docstring (a quantised variant's: the shared body's description and its format's).
     """
 
     def register(fn: Callable) -> Callable:

@@ -6,7 +6,7 @@ the op only applies them.
 """
 import numpy as np
 
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit
+from .jit import NEEDS_NUMBA, njit
 from .registry import close, op, random_array, variant
 
 
@@ -69,7 +69,7 @@ def rope_kernel(x, cos, sin, out):
                 out[t, h, half + i] = x2 * c + x1 * s  # y2 = x2 cos + x1 sin
 
 
-@variant("rope", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+@variant("rope", "numba", **NEEDS_NUMBA)
 def rope_numba(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """One compiled pass over x, rotating each pair straight into the output array."""
     out = np.empty(x.shape, dtype=np.float32)

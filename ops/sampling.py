@@ -5,7 +5,7 @@ of its arguments: the generator owns the seeded RNG, and any variant can be comp
 """
 import numpy as np
 
-from .jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit
+from .jit import NEEDS_NUMBA, njit
 from .registry import EXACT, op, random_array, variant
 
 
@@ -53,7 +53,7 @@ def first_max(x):
     return i_best
 
 
-@variant("argmax", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+@variant("argmax", "numba", **NEEDS_NUMBA)
 def argmax_numba(logits):
     """One compiled pass keeping the first maximum."""
     return int(first_max(logits))
@@ -64,7 +64,7 @@ def argmax_numba(logits):
 draw_token_numba = njit(fastmath=False)(draw_token)
 
 
-@variant("sample", "numba", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+@variant("sample", "numba", **NEEDS_NUMBA)
 def sample_numba(logits, temperature, top_k, top_p, u):
     """The reference's draw, compiled without fastmath: bit-exact, without the Python overhead."""
     if temperature <= 0:

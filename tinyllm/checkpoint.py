@@ -88,7 +88,7 @@ class Arguments:
 
 def arguments(cfg: Config, weights: dict) -> Arguments:
     """The forward pass's arguments from `weights` (checkpoint name -> float32 array, or for a
-    projection a format object of tinyllm/stored.py, whose `.shape` is the float matrix's), each
+    projection a stored format object (ops/quant/formats.py, read by tinyllm/stored.py), whose `.shape` is the float matrix's), each
     tensor checked against `cfg`. A tensor the model does not use is a ModelWarning."""
     w = dict(weights)
     # Checked before any table per layer is built: a corrupt num_hidden_layers (say 10^9) must be

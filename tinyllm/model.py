@@ -8,8 +8,8 @@
     logits = rmsnorm(x) Wlm_head                                             norm_head
 
 Every operator comes from `self.ops`, an op table chosen by the scheduler, so this file never knows
-which implementation runs. Which checkpoint tensor is which argument is tinyllm/checkpoint.py. Where several steps are planned to run as one fused kernel, the model
-calls the composite op (`qkv_rope`, `add_rmsnorm`, `swiglu_mlp`, `norm_head`); unfused, a composite
+which implementation runs; which checkpoint tensor is which argument is tinyllm/checkpoint.py's
+business. Where several steps are planned to run as one fused kernel, the model calls the composite op (`qkv_rope`, `add_rmsnorm`, `swiglu_mlp`, `norm_head`); unfused, a composite
 runs its steps as the scheduled primitive ops.
 
 Everything is float32: NumPy 2 promotes float32 with a float64 *array or np.float64 scalar* to

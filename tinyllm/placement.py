@@ -61,13 +61,13 @@ def _into_huge_pages(sites, changes) -> list:
     and with every other site's weights moved there too, each as (site, key, value, copied).
 
     Decode streams every weight once per token, faster from 2 MiB pages than from 4 KiB ones (the
-    file's mapping, small heap arrays): see huge_page_copies. What moves: the weights of the built-in variants (a plugin's prepare result is installed as it
-    returns it), and of those only what can then leave memory: weights mapped from the file (their
+    file's mapping, small heap arrays): see huge_page_copies. What moves: the weights of the built-in
+    variants (a plugin's prepare result is installed as it returns it), and of those only what can then leave memory: weights mapped from the file (their
     pages are released) and what prepare steps made. A loaded tensor that had to be converted
     (float16 widened to float32) stays where it is, since its site keeps it to prepare from.
     All sites move together, so an older block is never left partly used: it is freed once nothing
     holds it (a swap copies the weights again, and holds two copies for a moment). Not the embedding:
-    a step reads one row of it, and the rest of its pages can leave resident memory (see apply).
+    a step reads one row of it, and the rest of its pages can leave resident memory (see place).
     The last element of each becomes the site's `copied` record: id(copy) -> the loaded array it copies."""
     changed = {id(site) for site, *_ in changes}
     moving = list(changes)

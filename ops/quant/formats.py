@@ -248,4 +248,3 @@ def concat_rows(parts: list):
     the same as quantising the stacked float32 matrix)."""
     cls = type(parts[0])
     return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
-

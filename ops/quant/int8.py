@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..attention import _bias_and_rope, _normalised
-from ..jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange
+from ..jit import NEEDS_NUMBA, njit, prange
 from ..mlp import silu_scalar
 from ..registry import variant
 from .formats import Int8
@@ -100,7 +100,7 @@ class Int8Weight(PreparedWeight):
 # ---------------------------------------------------------------------------------- the variants
 
 DOC = "weight-only int8, a scale per output row; activations float32"
-INT8 = dict(weight_format="int8", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+INT8 = dict(weight_format="int8", **NEEDS_NUMBA)
 
 
 @variant("linear", "int8", prepare=prepare_matrix(Int8, Int8Weight), reference=linear_dequantized,

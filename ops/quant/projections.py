@@ -1,6 +1,6 @@
 """The projection ops (`linear`, `swiglu_mlp`, `qkv_rope`, `norm_head`) on a prepared quantised weight,
-whatever its format, and the prepare steps that make one. Each format's file (int8.py, q8_0.py, q4.py)
-registers its variants of these ops, with its prepared weight, its doc and its rules.
+whatever its format, and the prepare steps that make one. Each format's file (int8.py, q8_0.py, q4.py,
+q8_0_weights.py) registers its variants of these ops, with its prepared weight, its doc and its rules.
 
 A prepared weight (ops/quant/prefill.py::PreparedWeight) brings its format's kernels:
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..attention import _bias_and_rope, _normalised
-from ..jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange
+from ..jit import NEEDS_NUMBA, njit, prange
 from ..mlp import silu_scalar
 from ..registry import variant
 from .formats import BLOCK, Q4_0, Q4_1
@@ -159,14 +159,12 @@ class Q4Weight(RowTiled, PreparedWeight):
         return out.T
 
 
-
 # ---------------------------------------------------------------------------------- the variants
 
 DOCS = {"q4_0": "llama.cpp's Q4_0 weights (4 bits, a scale per block of 32), repacked 64 rows side by side; "
                 "activations float32",
         "q4_1": "llama.cpp's Q4_1 weights (4 bits, a scale and a minimum per block of 32), repacked 64 rows side "
                 "by side; activations float32"}
-NUMBA = dict(available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
 BLOCKS = {op: dict(inputs=inputs, examples=examples) for op, inputs, examples in (
     ("linear", linear_block_inputs, linear_block_examples),
     ("swiglu_mlp", swiglu_mlp_block_inputs, swiglu_mlp_block_examples),
@@ -175,54 +173,54 @@ BLOCKS = {op: dict(inputs=inputs, examples=examples) for op, inputs, examples in
 
 
 @variant("linear", "q4_0", prepare=prepare_matrix(Q4_0, Q4Weight), weight_format="q4_0",
-         reference=linear_dequantized, doc=describe(linear_quantized, DOCS["q4_0"]), **BLOCKS["linear"], **NUMBA)
+         reference=linear_dequantized, doc=describe(linear_quantized, DOCS["q4_0"]), **BLOCKS["linear"], **NEEDS_NUMBA)
 def linear_q4_0(x, weight, bias=None):
     return linear_quantized(x, weight, bias)
 
 
 @variant("swiglu_mlp", "q4_0", prepare=prepare_mlp(Q4_0, Q4Weight), weight_format="q4_0",
          reference=swiglu_mlp_dequantized, doc=describe(swiglu_mlp_quantized, DOCS["q4_0"]), **BLOCKS["swiglu_mlp"],
-         **NUMBA)
+         **NEEDS_NUMBA)
 def swiglu_mlp_q4_0(h, w):
     return swiglu_mlp_quantized(h, w)
 
 
 @variant("qkv_rope", "q4_0", prepare=prepare_stacked_qkv(Q4_0, Q4Weight), weight_format="q4_0",
          reference=qkv_rope_dequantized, doc=describe(qkv_rope_quantized, DOCS["q4_0"]), **BLOCKS["qkv_rope"],
-         **NUMBA)
+         **NEEDS_NUMBA)
 def qkv_rope_q4_0(x, w, cos, sin, eps):
     return qkv_rope_quantized(x, w, cos, sin, eps)
 
 
 @variant("norm_head", "q4_0", prepare=prepare_head(Q4_0, Q4Weight), weight_format="q4_0",
          reference=norm_head_dequantized, doc=describe(norm_head_quantized, DOCS["q4_0"]), **BLOCKS["norm_head"],
-         **NUMBA)
+         **NEEDS_NUMBA)
 def norm_head_q4_0(x, w, eps):
     return norm_head_quantized(x, w, eps)
 
 
 @variant("linear", "q4_1", prepare=prepare_matrix(Q4_1, Q4Weight), weight_format="q4_1",
-         reference=linear_dequantized, doc=describe(linear_quantized, DOCS["q4_1"]), **BLOCKS["linear"], **NUMBA)
+         reference=linear_dequantized, doc=describe(linear_quantized, DOCS["q4_1"]), **BLOCKS["linear"], **NEEDS_NUMBA)
 def linear_q4_1(x, weight, bias=None):
     return linear_quantized(x, weight, bias)
 
 
 @variant("swiglu_mlp", "q4_1", prepare=prepare_mlp(Q4_1, Q4Weight), weight_format="q4_1",
          reference=swiglu_mlp_dequantized, doc=describe(swiglu_mlp_quantized, DOCS["q4_1"]), **BLOCKS["swiglu_mlp"],
-         **NUMBA)
+         **NEEDS_NUMBA)
 def swiglu_mlp_q4_1(h, w):
     return swiglu_mlp_quantized(h, w)
 
 
 @variant("qkv_rope", "q4_1", prepare=prepare_stacked_qkv(Q4_1, Q4Weight), weight_format="q4_1",
          reference=qkv_rope_dequantized, doc=describe(qkv_rope_quantized, DOCS["q4_1"]), **BLOCKS["qkv_rope"],
-         **NUMBA)
+         **NEEDS_NUMBA)
 def qkv_rope_q4_1(x, w, cos, sin, eps):
     return qkv_rope_quantized(x, w, cos, sin, eps)
 
 
 @variant("norm_head", "q4_1", prepare=prepare_head(Q4_1, Q4Weight), weight_format="q4_1",
          reference=norm_head_dequantized, doc=describe(norm_head_quantized, DOCS["q4_1"]), **BLOCKS["norm_head"],
-         **NUMBA)
+         **NEEDS_NUMBA)
 def norm_head_q4_1(x, w, eps):
     return norm_head_quantized(x, w, eps)

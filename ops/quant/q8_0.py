@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..attention import _bias_and_rope, _normalised
-from ..jit import NUMBA_AVAILABLE, NUMBA_MISSING, njit, prange
+from ..jit import NEEDS_NUMBA, njit, prange
 from ..mlp import silu_scalar, swiglu
 from ..norm import rmsnorm
 from ..registry import OPS, close, variant
@@ -240,12 +240,11 @@ def _q8_0_rule(op_name, slack):
     return close(base.tol, base.why + FLIP_WHY, base.magnitude, base.magnitude_label, slack, "flipped roundings")
 
 
-
 # ---------------------------------------------------------------------------------- the variants
 
 DOC = ("llama.cpp's Q8_0 weights, repacked 64 rows side by side; activations rounded per block of 32, "
        "exact integer block sums")
-Q8 = dict(weight_format="q8_0", available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+Q8 = dict(weight_format="q8_0", **NEEDS_NUMBA)
 
 
 @variant("linear", "q8_0", prepare=prepare_matrix(Q8_0, Q8_0Weight), reference=linear_dequantized,

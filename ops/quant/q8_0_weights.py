@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..jit import NUMBA_AVAILABLE, NUMBA_MISSING
+from ..jit import NEEDS_NUMBA
 from ..registry import variant
 from .formats import BLOCK, Q8_0
 from .prefill import PreparedWeight
@@ -35,6 +35,6 @@ class Q8_0WeightOnly(Q8_0Weight):
 @variant("norm_head", "q8_0_weights", prepare=prepare_head(Q8_0, Q8_0WeightOnly), weight_format="q8_0",
          reference=norm_head_dequantized, inputs=norm_head_block_inputs, examples=norm_head_block_examples,
          doc=describe(norm_head_quantized, "Q8_0 weights, float32 activations (the quantised presets' head)"),
-         available=NUMBA_AVAILABLE, unavailable_reason=NUMBA_MISSING)
+         **NEEDS_NUMBA)
 def norm_head_q8_0_weights(x, w, eps):
     return norm_head_quantized(x, w, eps)
